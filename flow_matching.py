@@ -18,6 +18,7 @@ import argparse
 import copy
 import math
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -181,7 +182,7 @@ def train(cfg: CFG, dataset=None, resume: dict | None = None) -> nn.Module:
     ckpt_path = writable_dir(cfg.out_dir) / "checkpoint.pt"  # fail now, not after an hour of training
     dataset = load_dataset(cfg.dataset, cfg.data_dir) if dataset is None else dataset
     torch.manual_seed(cfg.seed)
-    model = ARCHS[cfg.arch]().to(device, memory_format=torch.channels_last)  # NHWC: ~3x faster convs on CPU
+    model = ARCHS[cfg.arch]().to(device, memory_format=torch.channels_last)  # NHWC: 6-11% faster here
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
@@ -346,6 +347,7 @@ def load_dataset(name: str, data_dir: str, train: bool = True):
     offline = (f"put the four idx files ({', '.join(IDX_FILES)}, .gz or not) in {data_dir} and "
                f"run again (for Fashion-MNIST on Debian: apt-get install dataset-fashion-mnist, then "
                f"--data-dir /usr/share/datasets/fashion-mnist)")
+    existed = Path(data_dir).exists()
     try:
         if all(found.values()):  # stage them in torchvision's layout, then let torchvision read them
             with tempfile.TemporaryDirectory() as tmp:
@@ -363,6 +365,8 @@ def load_dataset(name: str, data_dir: str, train: bool = True):
     except (OSError, RuntimeError, ValueError, TypeError, AssertionError, EOFError) as e:
         missing = [s for s, p in found.items() if p is None]
         if missing:
+            if not existed:  # leave no empty folders behind from a download that failed
+                shutil.rmtree(data_dir, ignore_errors=True)
             raise UserError(f"no {name} in {data_dir} and the download failed; offline, {offline}") from e
         raise UserError(f"could not read the {name} idx files in {data_dir} (truncated or corrupt? "
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); replace them") from e
@@ -412,11 +416,11 @@ def load_checkpoint(path: str) -> dict:
 
 
 def load_weights(model: nn.Module, state: dict, path: str, arch: str) -> None:
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"{path} does not fit --arch {arch} (it was saved from a different network: "
-                        f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from e
+    ours = model.state_dict()
+    if state.keys() != ours.keys() or any(state[k].shape != v.shape for k, v in ours.items()):
+        raise UserError(f"{path} holds another network than --arch {arch} ({len(state)} tensors, this one "
+                        f"has {len(ours)}); pass the --arch it was trained with")
+    model.load_state_dict(state)
 
 
 def restore(ckpt: dict, model, ema, opt) -> int:

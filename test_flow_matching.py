@@ -274,8 +274,10 @@ def test_sample_shape_range_and_determinism(solver, n, steps, seed):
 
 
 def patterns(n_per_class=16, seed=0):
-    """A data set a small model fits in a few dozen steps: 4 fixed random +-1 patterns, repeated."""
-    base = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(seed)).sign()
+    """A data set a small model fits in a few dozen steps: 4 fixed smooth blob images in [-1, 1] (random
+    4x4 grids upsampled, like strokes rather than pixel noise), repeated."""
+    coarse = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(seed))
+    base = torch.nn.functional.interpolate(coarse, size=28, mode="bilinear").clamp(-1, 1)
     return torch.utils.data.TensorDataset(base.repeat(n_per_class, 1, 1, 1), torch.arange(4).repeat(n_per_class))
 
 
