@@ -15,6 +15,7 @@ As a library (what the tests and the benchmark do):
     x = sample(model, cfg)        # (cfg.n_samples, 1, 28, 28) in [0, 1], on the CPU
 """
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -347,7 +348,10 @@ def load_dataset(name: str, data_dir: str, train: bool = True):
     offline = (f"put the four idx files ({', '.join(IDX_FILES)}, .gz or not) in {data_dir} and "
                f"run again (for Fashion-MNIST on Debian: apt-get install dataset-fashion-mnist, then "
                f"--data-dir /usr/share/datasets/fashion-mnist)")
-    existed = Path(data_dir).exists()
+    new_root = Path(data_dir).absolute()  # the highest folder a failed download would leave behind
+    while not new_root.parent.exists():
+        new_root = new_root.parent
+    existed = new_root.exists()
     try:
         if all(found.values()):  # stage them in torchvision's layout, then let torchvision read them
             with tempfile.TemporaryDirectory() as tmp:
@@ -363,16 +367,12 @@ def load_dataset(name: str, data_dir: str, train: bool = True):
             print(f"{name} not found in {data_dir}; downloading it there")
             data = cls(data_dir, train=train, transform=to_unit, download=True)
     except (OSError, RuntimeError, ValueError, TypeError, AssertionError, EOFError) as e:
-        missing = [s for s, p in found.items() if p is None]
-        if missing:
+        if not all(found.values()):
             if not existed:  # leave no empty folders behind from a download that failed
-                shutil.rmtree(data_dir, ignore_errors=True)
+                shutil.rmtree(new_root, ignore_errors=True)
             raise UserError(f"no {name} in {data_dir} and the download failed; offline, {offline}") from e
         raise UserError(f"could not read the {name} idx files in {data_dir} (truncated or corrupt? "
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); replace them") from e
-    if len(data.data) != len(data.targets) or tuple(data.data.shape[1:]) != (28, 28):
-        raise UserError(f"the {name} files in {data_dir} disagree: {tuple(data.data.shape)} images, "
-                        f"{len(data.targets)} labels; replace them")
     return data
 
 
@@ -491,23 +491,23 @@ class Interrupted(KeyboardInterrupt):
         self.step, self.path = step, path
 
 
-class sigint_flag:
-    """Within `with sigint_flag() as interrupted:`, the first Ctrl-C only sets interrupted() to True (the
+@contextlib.contextmanager
+def sigint_flag():
+    """Within `with sigint_flag() as interrupted:`, the first Ctrl-C only makes interrupted() true (the
     training loop then finishes its step and saves); a second one interrupts at once, as usual."""
+    hits = []
+    in_main = threading.current_thread() is threading.main_thread()  # signals reach the main thread only
 
-    def __enter__(self):
-        self.hit, self.previous = False, None
-        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
-            self.previous = signal.signal(signal.SIGINT, self.handle)
-        return lambda: self.hit
+    def handle(signum, frame):
+        hits.append(signum)
+        signal.signal(signal.SIGINT, previous)
 
-    def handle(self, signum, frame):
-        self.hit = True
-        signal.signal(signal.SIGINT, self.previous)
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+    previous = signal.signal(signal.SIGINT, handle) if in_main else None
+    try:
+        yield lambda: bool(hits)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
 
 
 def flag(name: str) -> str:
