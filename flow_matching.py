@@ -46,7 +46,7 @@ def arg(default, help):
 @dataclass
 class CFG:
     device: str = arg("auto", "auto | cpu | cuda | mps (auto: cuda, then mps, then cpu)")
-    batch_size: int = arg(128, "images per optimizer step (post: 256)")
+    batch_size: int = arg(32, "images per optimizer step (post: 256)")
     lr: float = arg(1e-3, "peak AdamW learning rate, after warm-up, before cosine decay (post: 2e-4)")
     epochs: int = arg(3, "passes over the training set (post: 5)")
     num_workers: int = arg(0, "DataLoader worker processes (the post sets 2 and never uses it)")
