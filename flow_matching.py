@@ -414,6 +414,10 @@ def load_checkpoint(path: str) -> dict:
                         f"use another or train again") from e
     if not isinstance(ckpt, dict) or not {"cfg", "step", "model", "ema", "opt", "rng"} <= ckpt.keys():
         raise UserError(f"{path} is not a checkpoint written by flow_matching.py")
+    unknown = set(ckpt["cfg"]) - {f.name for f in fields(CFG)}
+    if unknown:
+        raise UserError(f"{path} was written by another version of flow_matching.py (unknown settings: "
+                        f"{', '.join(sorted(unknown))})")
     return ckpt
 
 
@@ -579,7 +583,7 @@ def cli(argv=None) -> int:
               f"--resume {e.path}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("\ninterrupted before training started; nothing to save", file=sys.stderr)
+        print("\ninterrupted; the last checkpoint written, if any, is intact", file=sys.stderr)
         return 130
     return 0
 

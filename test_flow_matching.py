@@ -476,9 +476,10 @@ def test_bad_input_is_one_line_naming_it(flags, names, tmp_path, capsys, monkeyp
     assert len(err.strip().splitlines()) == 1 and names in err, err
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated", "not a checkpoint", "other architecture"])
+@pytest.mark.parametrize("damage", ["missing", "truncated", "not a checkpoint", "other architecture", "other version"])
 def test_bad_checkpoint_is_one_line(damage, trained, tmp_path, capsys):
-    """A checkpoint that is missing, truncated, something else, or of another network: one clear line."""
+    """A checkpoint that is missing, truncated, something else, of another network or of another version of
+    the module: one clear line naming it."""
     bad = tmp_path / "bad.pt"
     if damage == "truncated":
         bad.write_bytes(trained.read_bytes()[:1000])
@@ -486,6 +487,9 @@ def test_bad_checkpoint_is_one_line(damage, trained, tmp_path, capsys):
         torch.save({"weights": torch.zeros(3)}, bad)
     elif damage == "other architecture":
         bad.write_bytes(trained.read_bytes())
+    elif damage == "other version":
+        ckpt = torch.load(trained, weights_only=True)
+        torch.save(ckpt | {"cfg": ckpt["cfg"] | {"warp_drive": 9}}, bad)
     flags = ["--sample-only", "--checkpoint", str(bad), "--out-dir", str(tmp_path)]
     code, err = run_cli(flags + ["--arch", "unet"] * (damage == "other architecture"), capsys)
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1 and str(bad) in err, err
