@@ -2,7 +2,7 @@
 Conditional Flow Matching on MNIST in one file: the code of the blog post "Sailing the Seas of Flow
 Matching", section by section, with its bugs fixed (README.md lists them as errata).
 
-    python flow_matching.py                  # train on MNIST (./data), sample, save to fm_out/
+    python flow_matching.py                  # train on MNIST (./data; 10 min on 2 CPU cores), sample, save
     python flow_matching.py --dataset fashion-mnist --data-dir /usr/share/datasets/fashion-mnist
     python flow_matching.py --max-steps 200  # a quick run
     python flow_matching.py --resume         # continue from fm_out/checkpoint.pt after Ctrl-C
@@ -265,14 +265,13 @@ def integrate(v, x, steps: int, solver: str = "euler", path: list | None = None)
     """Solve dx/dt = v(x, t) from t=0 to t=1 in `steps` fixed steps; v takes x and t of shape (B,).
     Returns x at t=1; if `path` is a list, x at every step (start included) is appended to it."""
     step_fn, dt = SOLVERS[solver], 1.0 / steps
-    states = [x]
     for i in range(steps):
-        t = torch.full((x.shape[0],), i / steps, dtype=x.dtype, device=x.device)
-        x = step_fn(v, x, t, dt)
         if path is not None:
-            states.append(x)
+            path.append(x)
+        t = torch.full((x.shape[0],), i / steps, dtype=x.dtype, device=x.device)  # (B,)
+        x = step_fn(v, x, t, dt)
     if path is not None:
-        path.extend(states)
+        path.append(x)
     return x
 
 
