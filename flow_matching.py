@@ -189,7 +189,7 @@ def train(cfg: CFG, dataset=None, resume: dict | None = None) -> nn.Module:
     steps_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     last = min(total, cfg.max_steps) if cfg.max_steps else total
-    step = restore(resume, model, ema, opt) if resume else 0
+    step = restore(resume, model, ema, opt, cfg.arch) if resume else 0
     progress = Progress(total, last, step, cfg.batch_size)
     saved_at = time.monotonic()
 
@@ -428,9 +428,9 @@ def load_weights(model: nn.Module, state: dict, path: str, arch: str) -> None:
     model.load_state_dict(state)
 
 
-def restore(ckpt: dict, model, ema, opt) -> int:
-    """Load weights, optimizer and RNG states from a checkpoint dict; return its step."""
-    path, arch = ckpt.get("path", "checkpoint"), ckpt["cfg"]["arch"]
+def restore(ckpt: dict, model, ema, opt, arch: str) -> int:
+    """Load weights, optimizer and RNG states from a checkpoint dict into an `arch` network; return its step."""
+    path = ckpt.get("path", "checkpoint")
     load_weights(model, ckpt["model"], path, arch)
     load_weights(ema, ckpt["ema"], path, arch)
     opt.load_state_dict(ckpt["opt"])
