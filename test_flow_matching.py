@@ -36,6 +36,7 @@ seeds = st.integers(0, 2**31 - 1)
 sigmas = st.floats(1e-3, 0.5)  # sigma_min in (0, 0.5]
 times = st.floats(0.0, 1.0)
 shapes = st.lists(st.integers(1, 5), min_size=1, max_size=3).map(tuple)  # per-example shape, batch apart
+N_MC = 20_000  # Monte Carlo samples: standard errors of ~1% of a unit-variance quantity
 
 
 def within_se(samples: torch.Tensor, k: float = 6.0) -> torch.Tensor:
@@ -103,6 +104,26 @@ def test_loss_is_the_regression_to_the_target(batch, sigma_min, offset, seed):
         fm.flow_matching_loss(Oracle(u.repeat(1, 64, 1, 1)), x1, sigma_min)
 
 
+class TimeRecorder(nn.Module):
+    def forward(self, x, t):
+        self.t = t
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("t_dist", fm.T_DISTS)
+@given(seed=seeds)
+def test_the_loss_draws_t_from_its_distribution(t_dist, seed):
+    """The loss evaluates v at times in [0, 1] drawn from t_dist: uniform t has mean 1/2 and variance 1/12;
+    logit-normal t has logit(t) ~ N(0, 1), mean 0 and variance 1; each within 6 standard errors."""
+    torch.manual_seed(seed)
+    model = TimeRecorder()
+    fm.flow_matching_loss(model, torch.zeros(N_MC, 1), 0.01, t_dist)
+    t = model.t.double()
+    assert t.shape == (N_MC,) and ((0 <= t) & (t <= 1)).all()
+    z, var = (t - 0.5, 1 / 12) if t_dist == "uniform" else (torch.logit(t), 1.0)
+    assert within_se(z) and within_se(z**2 - var)
+
+
 # ------------------------------------------------------------------ 4-6: FM = CFM on Gaussian data
 # Data x1 ~ N(mu, s^2 I). Given t, x_t = a_t x0 + t x1 and u = x1 - (1 - sigma_min) x0 are jointly
 # Gaussian per coordinate, with E[x_t] = t mu, Var[x_t] = a_t^2 + t^2 s^2, E[u] = mu and
@@ -123,7 +144,6 @@ def marginal_flow(x0, t, mu, s, sigma_min):
 
 gaussians = st.fixed_dictionaries({"d": st.integers(1, 4), "mu": st.floats(-2, 2), "s": st.floats(0.2, 2.0),
                                    "sigma_min": sigmas, "seed": seeds})
-N_MC = 20_000  # Monte Carlo samples: standard errors of ~1% of a unit-variance quantity
 
 
 def gaussian_batch(d, mu, s, sigma_min, seed):
@@ -196,14 +216,15 @@ def test_marginal_field_transports_noise_to_data(p):
     assert within_se((x1 - mu) ** 2 - var).all()  # variance s^2 + sigma_min^2
 
 
-def order_of(solver, v, x0, exact, steps):
+def order_of(solver, v, x0, exact, steps, shift=1.0):
     """log2 of the ratio of global errors for `steps` and 2 `steps`: the observed order. The global error is
-    the largest over the grid of the coarse run, so that no sign change of the error at one time hides it."""
-    errors = []
+    the largest over the grid of the coarse run, so that no sign change of the error at one time hides it
+    (the fine grid holds every time of the coarse one: both map the same u = i / steps)."""
+    errors, grid = [], fm.time_grid(steps, shift)
     for n in (steps, 2 * steps):
         path = []
-        fm.integrate(v, x0, n, solver, path=path)
-        errors.append(max((path[i * n // steps] - exact(i / steps)).abs().max().item() for i in range(steps + 1)))
+        fm.integrate(v, x0, n, solver, shift, path=path)
+        errors.append(max((path[i * n // steps] - exact(grid[i])).abs().max().item() for i in range(steps + 1)))
     return math.log2(errors[0] / errors[1])
 
 
@@ -225,14 +246,27 @@ def test_solver_order_on_the_gaussian_flow(solver, mu, s, sigma_min, seed):
 
 
 @pytest.mark.parametrize("solver", ORDERS)
-@given(k=st.floats(0.5, 3.0), seed=seeds)
-def test_solver_order_on_a_time_dependent_ode(solver, k, seed):
+@given(k=st.floats(0.5, 3.0), shift=st.sampled_from([1.0, 3.0]) | st.floats(0.5, 4.0), seed=seeds)
+def test_solver_order_on_a_time_dependent_ode(solver, k, shift, seed):
     """On dx/dt = k t x, whose solution is x0 exp(k t^2 / 2), the observed order of Euler, midpoint and RK4
-    is 1, 2 and 4 within 0.3."""
+    is 1, 2 and 4 within 0.3, on even steps and on shifted ones (a smooth change of time keeps the order)."""
     x0 = 0.5 + torch.rand(16, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     v = lambda x, t: k * t[:, None] * x
     order, steps = ORDERS[solver]
-    assert order_of(solver, v, x0, lambda t: x0 * math.exp(k * t * t / 2), steps) == pytest.approx(order, abs=0.3)
+    exact = lambda t: x0 * math.exp(k * t * t / 2)
+    assert order_of(solver, v, x0, exact, steps, shift) == pytest.approx(order, abs=0.3)
+
+
+@given(steps=st.integers(1, 200), shift=st.floats(0.1, 10.0))
+def test_time_grid_runs_from_noise_to_data(steps, shift):
+    """The solver's times start at exactly 0 and end at exactly 1, increase, are even for shift 1 (the post's
+    dt = 1 / steps), and for shift > 1 lie at or before the even ones (shorter steps near the noise)."""
+    grid, even = fm.time_grid(steps, shift), [i / steps for i in range(steps + 1)]
+    assert len(grid) == steps + 1 and grid[0] == 0.0 and grid[-1] == 1.0
+    assert all(a < b for a, b in zip(grid, grid[1:]))
+    assert fm.time_grid(steps, 1.0) == even
+    if shift > 1:
+        assert all(t <= u for t, u in zip(grid, even)) and grid[1] - grid[0] < 1 / steps
 
 
 # ------------------------------------------------------------------ 7-9: the networks, the sampler, training
@@ -300,6 +334,18 @@ def test_training_lowers_the_loss(arch, tmp_path):
     assert isinstance(model, nn.Module) and not model.training
     assert eval_loss(model, data) < 0.6 * before
     assert fm.load_checkpoint(str(tmp_path / "checkpoint.pt"))["step"] == 40
+
+
+@pytest.mark.parametrize("t_dist", fm.T_DISTS)
+def test_training_draws_t_from_cfg_t_dist(t_dist, tmp_path, monkeypatch):
+    """train() draws the times of each step from cfg.t_dist, batch_size of them per step."""
+    calls = []
+    for name, draw in fm.T_DISTS.items():
+        monkeypatch.setitem(fm.T_DISTS, name, lambda n, device, name=name, draw=draw:
+                            calls.append((name, n)) or draw(n, device))
+    cfg = fm.CFG(device="cpu", arch="post", t_dist=t_dist, batch_size=4, max_steps=3, out_dir=str(tmp_path))
+    fm.train(cfg, patterns())
+    assert calls == [(t_dist, 4)] * 3
 
 
 # ------------------------------------------------------------------ 10: torchvision's MNIST loading code
@@ -456,6 +502,7 @@ BAD = [  # (flags, what the message must name)
     (["--epochs", "0"], "--epochs 0"), (["--batch-size", "-1"], "--batch-size -1"), (["--lr", "0"], "--lr 0"),
     (["--sample-steps", "0"], "--sample-steps 0"), (["--n-samples", "0"], "--n-samples 0"),
     (["--sigma-min", "1.0"], "--sigma-min 1.0"), (["--sigma-min", "-0.1"], "--sigma-min -0.1"),
+    (["--time-shift", "-1"], "--time-shift -1"), (["--time-shift", "inf"], "--time-shift inf"),
     (["--solver", "rk5"], "rk5"), (["--dataset", "cifar"], "cifar"), (["--device", "tpu"], "--device tpu"),
     (["--device", "cuda"], "--device cuda"), (["--epochs", "two"], "two"),
     (["--data-dir", "{tmp}/nowhere"], "nowhere"),
