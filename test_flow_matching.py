@@ -252,7 +252,10 @@ def test_solver_order_on_a_time_dependent_ode(solver, k, shift, seed):
     is 1, 2 and 4 within 0.3, on even steps and on shifted ones (a smooth change of time keeps the order)."""
     x0 = 0.5 + torch.rand(16, 1, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     v = lambda x, t: k * t[:, None] * x
-    order, steps = ORDERS[solver]
+    order, _ = ORDERS[solver]
+    # A shifted grid's longest step is up to 4x the even one, so start from more steps: over k in [0.5, 3] and
+    # shift in [0.5, 4] the observed order is then within 0.05, 0.09 and 0.15 of 1, 2 and 4 (measured).
+    steps = {"euler": 128, "midpoint": 64, "rk4": 64}[solver]
     exact = lambda t: x0 * math.exp(k * t * t / 2)
     assert order_of(solver, v, x0, exact, steps, shift) == pytest.approx(order, abs=0.3)
 
