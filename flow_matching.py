@@ -345,7 +345,7 @@ def validate(cfg: CFG) -> None:
     checks = [("sigma_min", 0 <= cfg.sigma_min < 1, "must be in [0, 1)"),
               ("ema", 0 <= cfg.ema < 1, "must be in [0, 1); 0 turns the average off"),
               ("max_steps", cfg.max_steps >= 0, "must be 0 (no limit) or more"),
-              ("time_shift", 0 <= cfg.time_shift < math.inf, "must be 0 (the solver's own) or more"),
+              ("time_shift", 0 <= cfg.time_shift < math.inf, "must be a finite number, 0 (the solver's own) or more"),
               ("num_workers", cfg.num_workers >= 0, "must be 0 or more"),
               ("solver", cfg.solver in SOLVERS, f"unknown solver; choose from {', '.join(SOLVERS)}"),
               ("t_dist", cfg.t_dist in T_DISTS, f"unknown distribution; choose from {', '.join(T_DISTS)}"),
@@ -415,8 +415,9 @@ def save_samples(x: torch.Tensor, path: Path) -> None:
 def save_trajectory(model: nn.Module, cfg: CFG, path: Path, rows: int = 6, cols: int = 9) -> None:
     """`rows` samples (one per row) at the `cols` grid times nearest to evenly spaced ones, from t=0 (noise)
     to t=1 (image)."""
-    states, grid = [], time_grid(cfg.sample_steps, shift_of(cfg))
-    integrate(model, noise(cfg, model, rows), cfg.sample_steps, cfg.solver, shift_of(cfg), path=states)
+    states, shift = [], shift_of(cfg)
+    integrate(model, noise(cfg, model, rows), cfg.sample_steps, cfg.solver, shift, path=states)
+    grid = time_grid(cfg.sample_steps, shift)
     nearest = [min(range(len(grid)), key=lambda j: abs(grid[j] - i / (cols - 1))) for i in range(cols)]
     picks = [states[j] for j in nearest]  # each (rows, 1, 28, 28)
     strip = torch.stack(picks, 1).flatten(0, 1)  # (rows * cols, 1, 28, 28), row-major by sample
