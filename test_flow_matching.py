@@ -269,7 +269,9 @@ def test_time_grid_runs_from_noise_to_data(steps, shift):
     assert all(a < b for a, b in zip(grid, grid[1:]))
     assert fm.time_grid(steps, 1.0) == even
     if shift > 1:
-        assert all(t <= u for t, u in zip(grid, even)) and grid[1] - grid[0] < 1 / steps
+        assert all(t <= u for t, u in zip(grid, even))
+    if shift > 1.01 and steps > 1:  # one step is the whole interval; a shift of 1 + 1e-16 may round to even
+        assert grid[1] < 1 / steps
 
 
 # ------------------------------------------------------------------ 7-9: the networks, the sampler, training
