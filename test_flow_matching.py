@@ -353,6 +353,20 @@ def test_training_draws_t_from_cfg_t_dist(t_dist, tmp_path, monkeypatch):
     assert calls == [(t_dist, 4)] * 3
 
 
+@given(decay=st.floats(0.5, 0.9999), steps=st.integers(1, 300), seed=seeds)
+def test_weight_average_forgets_the_initial_weights(decay, steps, seed):
+    """After n updates toward fixed weights w, the average holds a fraction prod_k min(decay, (1+k)/(10+k))
+    of its initial weights: the warm-up makes it 1 / C(n+9, 9) at most, where a plain 0.999 keeps 0.999^n."""
+    torch.manual_seed(seed)
+    ema, model = nn.Linear(3, 2).double(), nn.Linear(3, 2).double()
+    start = [p.detach().clone() for p in ema.parameters()]
+    for step in range(steps):
+        fm.update_ema(ema, model, decay, step)
+    kept = math.prod(min(decay, (1 + k) / (10 + k)) for k in range(steps))
+    assert kept <= 1 / math.comb(steps + 9, 9) * (1 + 1e-9)
+    for e, p, s in zip(ema.parameters(), model.parameters(), start):
+        torch.testing.assert_close(e, kept * s + (1 - kept) * p, rtol=1e-9, atol=1e-12)
+
 # ------------------------------------------------------------------ 10: torchvision's MNIST loading code
 def write_idx(folder: Path, n_train=12, n_test=5, gz=True, seed=0, truncate=False):
     """The four MNIST idx files (magic, sizes, big-endian), images and labels drawn from `seed`."""
