@@ -457,8 +457,8 @@ def load_checkpoint(path: str) -> dict:
 def load_weights(model: nn.Module, state: dict, path: str, arch: str) -> None:
     ours = model.state_dict()
     if state.keys() != ours.keys() or any(state[k].shape != v.shape for k, v in ours.items()):
-        raise UserError(f"{path} holds another network than --arch {arch} ({len(state)} tensors, this one "
-                        f"has {len(ours)}); pass the --arch it was trained with")
+        raise UserError(f"{path} holds another network than this version's --arch {arch} (other tensor names or "
+                        f"shapes); pass the --arch it was trained with, or use the flow_matching.py that wrote it")
     model.load_state_dict(state)
 
 
