@@ -128,7 +128,7 @@ class UNet(nn.Module):
     """The default navigator (--arch unet): a small U-Net that spends its compute at 14x14 and 7x7,
     where a 3x3 kernel sees a third and then all of the digit, and only one conv at 28x28 each way."""
 
-    def __init__(self, widths: tuple = (24, 48, 64), tdim: int = 128):
+    def __init__(self, widths: tuple[int, int, int] = (24, 48, 64), tdim: int = 128):
         super().__init__()
         c1, c2, c3 = widths  # channels at 28x28, 14x14, 7x7
         self.time = nn.Sequential(SinusoidalTimeEmbedding(32), nn.Linear(32, tdim), nn.SiLU(),

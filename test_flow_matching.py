@@ -367,6 +367,7 @@ def test_weight_average_forgets_the_initial_weights(decay, steps, seed):
     for e, p, s in zip(ema.parameters(), model.parameters(), start):
         torch.testing.assert_close(e, kept * s + (1 - kept) * p, rtol=1e-9, atol=1e-12)
 
+
 # ------------------------------------------------------------------ 10: torchvision's MNIST loading code
 def write_idx(folder: Path, n_train=12, n_test=5, gz=True, seed=0, truncate=False):
     """The four MNIST idx files (magic, sizes, big-endian), images and labels drawn from `seed`."""
