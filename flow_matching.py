@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -699,22 +699,34 @@ def save_straightness(model: nn.Module, cfg: CFG, path: Path, rows: int = 6, col
     return straightness(model, cfg)
 
 
-def save_probability_path(path: Path, height: int = 200, width: int = 300, lines: int = 12) -> None:
+@torch.inference_mode()
+def save_guidance(model: nn.Module, cfg: CFG, path: Path, scales=(0.0, 1.0, 2.0, 3.0, 4.0)) -> None:
+    """One row per guidance scale w, one column per class, the same noise in every row: how w trades variety
+    for the class asked for."""
+    labels = torch.arange(cfg.num_classes)
+    rows = [sample(model, replace(cfg, guidance=w), labels) for w in scales]
+    save_grid(torch.cat(rows), path, nrow=cfg.num_classes)
+
+
+def save_probability_path(path: Path, height: int = 240, width: int = 480, lines: int = 12) -> None:
     """The post's "Plotting the Probability Path", which it never plots: p_t(x) for 1-D data that is a mixture
     of two Gaussians (1/3 at -1.5, 2/3 at +1.5, std 0.3), time t = 0 (noise) to 1 (data) from left to right,
-    x from -3 (bottom) to 3 (top), brighter where denser, with flow lines of the marginal field in red."""
+    x from -3 (bottom) to 3 (top), brighter where denser, and in white the flow lines of the marginal field
+    from evenly spaced quantiles of the noise."""
     means, stds, weights = torch.tensor([[-1.5], [1.5]]), torch.tensor([0.3, 0.3]), torch.tensor([1 / 3, 2 / 3])
-    xs = torch.linspace(3, -3, height)[:, None]  # top row is x = 3
-    ts = [j / (width - 1) for j in range(width)]
-    dens = torch.stack([mixture_path(xs, t, means, stds, weights)[0] for t in ts], 1)  # (height, width)
-    img = (dens / dens.amax(0, keepdim=True)).sqrt().expand(3, -1, -1).clone()  # gray, each column scaled
-    field = lambda x, t: mixture_path(x, t[0].item(), means, stds, weights)[1]
-    start = torch.erfinv(torch.linspace(-0.9, 0.9, lines, dtype=torch.float64))[:, None] * math.sqrt(2)
+    xs = torch.linspace(3, -3, height)[:, None]  # the top row is x = 3
+    dens = torch.stack([mixture_path(xs, j / (width - 1), means, stds, weights)[0] for j in range(width)], 1)
+    level = (dens / dens.amax(0, keepdim=True)).sqrt()  # (height, width) in [0, 1], each time scaled to its peak
+    stops = torch.tensor([[0.0, 0.0, 0.05], [0.45, 0.1, 0.5], [0.95, 0.45, 0.2], [1.0, 0.95, 0.6]])  # dark to bright
+    pos = level * (len(stops) - 1)
+    lo = pos.floor().long().clamp(max=len(stops) - 2)
+    img = (stops[lo] + (pos - lo)[..., None] * (stops[lo + 1] - stops[lo])).permute(2, 0, 1)  # (3, height, width)
+    field = lambda x, t: mixture_path(x, t, means, stds, weights)[1]
+    start = torch.special.ndtri(torch.linspace(0.04, 0.96, lines))[:, None]  # quantiles of N(0, 1)
     traj = []
-    integrate(field, start.float(), width - 1, "rk4", path=traj)
+    integrate(field, start, width - 1, "rk4", path=traj)
     for j, x in enumerate(traj):
-        rows = ((3 - x[:, 0]) / 6 * (height - 1)).round().long().clamp(0, height - 1)
-        img[:, rows, j] = torch.tensor([1.0, 0.1, 0.1])[:, None]
+        img[:, ((3 - x[:, 0]) / 6 * (height - 1)).round().long().clamp(0, height - 1), j] = 1.0
     atomic_save(path, lambda f: save_image(img, f, format="png"))
 
 
@@ -878,8 +890,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-only", action="store_true", help="sample from --checkpoint without training")
     p.add_argument("--labels", metavar="Y,Y,...", help="draw these classes (a model trained with --num-classes)")
     p.add_argument("--nll", type=int, metavar="N", help="also print the bits/dim of N test images (likelihood)")
-    p.add_argument("--figures", action="store_true", help="also save interpolation.png, straightness.png and "
-                   "probability_path.png")
+    p.add_argument("--figures", action="store_true", help="also save interpolation.png, straightness.png, "
+                   "probability_path.png and, for a conditional model, guidance.png")
     return p.parse_args(argv)
 
 
@@ -935,6 +947,9 @@ def main(argv=None) -> None:
         s = save_straightness(model, cfg, out / "straightness.png")
         save_probability_path(out / "probability_path.png")
         written += ["interpolation.png", "straightness.png", "probability_path.png"]
+        if cfg.num_classes:
+            save_guidance(model, cfg, out / "guidance.png")
+            written.append("guidance.png")
         print(f"straightness {s['straightness']:.3f} (0: straight lines); one Euler step misses the endpoint by "
               f"{100 * s['one_euler_step_error']:.0f}% of the distance travelled")
     what = "sampled" if sample_only else "trained and sampled"

@@ -27,6 +27,7 @@ import torch.nn as nn
 from hypothesis import given, settings, strategies as st
 from torch.func import jacrev, jvp
 
+import evaluate
 import flow_matching as fm
 
 settings.register_profile("ci", deadline=None, max_examples=10, derandomize=True, database=None)
@@ -520,6 +521,30 @@ def test_hutchinson_divergence_is_unbiased(d, seed):
     assert within_se(estimates - traces).all()
 
 
+def test_log_likelihood_holds_one_probe_per_example_through_the_solve(monkeypatch):
+    """Hutchinson's probes are drawn once per solve, Rademacher (+-1), one per example, and the same probe is
+    used at every evaluation of the field (FFJORD's choice: one consistent estimate along each path)."""
+    probes = []
+    divergence = fm.divergence
+    monkeypatch.setattr(fm, "divergence", lambda v, x, probe=None: probes.append(probe) or divergence(v, x, probe))
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    fm.log_likelihood(Field(lambda x, t: net(x)), torch.randn(5, 3, dtype=torch.float64),
+                      fm.CFG(device="cpu", solver="rk4", sample_steps=3))
+    assert len(probes) == 12 and probes[0].shape == (5, 3) and set(probes[0].unique().tolist()) <= {-1.0, 1.0}
+    assert all(torch.equal(p, probes[0]) for p in probes)
+
+
+def test_bits_per_dim_jitters_each_pixel_across_its_whole_bin(monkeypatch):
+    """Uniform dequantization: the density is evaluated at y = x + U with U uniform over the pixel's bin,
+    [-1/2, 1/2) / 127.5 around each level (mean 0, variance 1/12 in bin units), every pixel independently."""
+    seen = []
+    monkeypatch.setattr(fm, "log_likelihood", lambda model, y, cfg, exact=False, seed=0: seen.append(y) or y.new_zeros(len(y)))
+    x = torch.linspace(-1, 1, 256).repeat(40, 1).view(-1, 1, 16, 16).double()
+    fm.bits_per_dim(Field(lambda x, t: x), x, fm.CFG(device="cpu"))
+    u = ((seen[0] - x) * 127.5).flatten()
+    assert -0.5 <= u.min() and u.max() < 0.5 and within_se(u[:, None]) and within_se(u[:, None] ** 2 - 1 / 12)
+
+
 def test_bits_per_dim_of_a_known_density():
     """fm.bits_per_dim is -log2 p(y) / D + log2(127.5), y the pixels x jittered uniformly within their bin of
     width 1/127.5. With the zero field nothing moves, so p = N(0, I): for pixels x = 0.5 the mean over the
@@ -654,7 +679,88 @@ def test_a_short_run_is_a_whole_schedule(schedule, tmp_path, monkeypatch):
         assert all(a >= b for a, b in zip(seen[peak:], seen[peak + 1:]))
 
 
-# ------------------------------------------------------------------ 8. torchvision's MNIST loading code
+# ------------------------------------------------------------------ 8. Guidance: the class asked for
+class TwoFields(nn.Module):
+    """A conditional model with closed-form fields: label 0 and the null label (2) have different ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t, y):
+        self.calls.append(len(x))
+        return torch.where((y == 2)[:, None], -x, x + t[:, None])
+
+
+@given(w=st.floats(-1.0, 5.0), seed=seeds)
+def test_guidance_scale_combines_the_two_fields(w, seed):
+    """fm.guided(model, y, cfg) is v(x, t, null) + w (v(x, t, y) - v(x, t, null)): w = 0 gives the null label's
+    field, w = 1 the label's, and any w one forward pass of 2B examples (the label's and the null's)."""
+    g = torch.Generator().manual_seed(seed)
+    x, t, y = torch.randn(5, 3, generator=g), torch.rand(5, generator=g), torch.zeros(5, dtype=torch.long)
+    model = TwoFields()
+    field = lambda w: fm.guided(model, y, fm.CFG(num_classes=2, guidance=w))(x, t)
+    torch.testing.assert_close(field(0.0), -x)
+    torch.testing.assert_close(field(1.0), x + t[:, None])
+    model.calls.clear()
+    torch.testing.assert_close(field(w), -x + w * (x + t[:, None] + x))
+    assert model.calls == ([5] if w == 1 else [10])
+
+
+def test_label_drop_replaces_labels_by_the_null_label(tmp_path, monkeypatch):
+    """Training shows the model the null label (num_classes) with probability label_drop and the data's
+    label otherwise: with label_drop = 1 it never sees a label, so the data's labels change nothing (the same
+    weights, bit for bit); with 0.25 a quarter of the labels are null, within standard errors."""
+    data = two_blobs(64)
+    relabelled = torch.utils.data.TensorDataset(data.tensors[0], 1 - data.tensors[1])
+    seen = []
+
+    class Conditional(MLP):
+        def __init__(self):
+            super().__init__()
+            self.label = nn.Embedding(3, 2)
+
+        def forward(self, x, t, y):
+            seen.append(y)
+            return super().forward(x, t) + self.label(y)
+
+    def fit(dataset, drop, epochs=1):
+        torch.manual_seed(0)
+        cfg = fm.CFG(device="cpu", data_shape=(2,), num_classes=2, label_drop=drop, batch_size=16, epochs=epochs,
+                     out_dir=str(tmp_path))
+        return fm.train(cfg, dataset, model=Conditional())
+
+    a, b = fit(data, 1.0), fit(relabelled, 1.0)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    seen.clear()
+    fit(data, 0.25, epochs=150)  # 9,600 labels
+    y = torch.cat(seen)
+    assert within_se((y == 2).double() - 0.25)
+    order = torch.cat([torch.randperm(64, generator=torch.Generator().manual_seed(e)) for e in range(150)])
+    kept = y != 2
+    assert torch.equal(y[kept], data.tensors[1][order][kept])
+
+
+@given(w=st.floats(0.0, 4.0), mu=st.floats(0.5, 2.0), s=st.floats(0.3, 1.5), seed=seeds)
+@settings(max_examples=6)
+def test_guided_samples_land_where_the_formula_says(w, mu, s, seed):
+    """Two classes of 1-D data, N(mu, s^2) (label 0) and N(-mu, s^2) (label 1), and for the null label the
+    field of N(0, s^2), a stand-in of the same variance (their true average is a mixture). With equal variances
+    every field is u_t(x) = m + c_t (x - t m) with the same c_t, so the guided field is the one of mean
+    m_null + w (m_0 - m_null) = w mu: fm.sample with these closed-form fields lands on N(w mu, s^2 +
+    sigma_min^2), past the class mean by (w - 1) mu."""
+    sigma_min = 0.01
+
+    def field(x, t, y):  # the Gaussian field of mean m, m + c_t (x - t m)
+        m = torch.where(y == 0, mu, torch.where(y == 1, -mu, 0.0)).to(x)[:, None]
+        return m + gaussian_field(x - t[:, None] * m, t, 0.0, s, sigma_min)
+
+    cfg = fm.CFG(device="cpu", data_shape=(1,), num_classes=2, guidance=w, solver="rk4", sample_steps=25, seed=seed)
+    x = fm.sample(Field(field), cfg, labels=torch.zeros(4000, dtype=torch.long)).double()
+    assert within_se(x - w * mu).all() and within_se((x - w * mu) ** 2 - (s**2 + sigma_min**2)).all()
+
+
+# ------------------------------------------------------------------ 9. torchvision's MNIST loading code
 def write_idx(folder: Path, n_train=12, n_test=5, gz=True, seed=0, truncate=False):
     """The four MNIST idx files (magic, sizes, big-endian), images and labels drawn from `seed`."""
     g = torch.Generator().manual_seed(seed)
@@ -703,7 +809,7 @@ def test_loading_a_corrupt_idx_file_is_a_clear_error(tmp_path, gz):
         fm.load_dataset("mnist", str(tmp_path))
 
 
-# ------------------------------------------------------------------ 9. Regression tests for the errata
+# ------------------------------------------------------------------ 10. Regression tests for the errata
 def test_erratum_broadcast_is_caught_and_fixed():
     """Erratum 1: the post's net returns (B, 64, 28, 28) for (B, 1, 28, 28) and its loss broadcasts that
     silently; the loss now refuses any output of another shape, and the fixed VelocityNet returns
@@ -761,7 +867,7 @@ def test_erratum_device_auto_considers_mps(monkeypatch):
     assert fm.pick_device("auto").type == "cpu"
 
 
-# ------------------------------------------------------------------ 10. The command line, reliability
+# ------------------------------------------------------------------ 11. The command line, reliability
 def offline(*args, **kwargs):
     raise urllib.error.URLError("no network in this test")
 
@@ -858,9 +964,10 @@ def test_sample_only_writes_a_new_grid(trained, tmp_path, capsys):
     assert Image.open(tmp_path / "trajectory.png").size == (2 + 9 * 30, 2 + 6 * 30)
 
 
-def test_a_conditional_model_draws_the_classes_asked_for(trained_conditional, tmp_path, capsys):
+def test_a_conditional_model_draws_the_classes_asked_for(trained_conditional, idx_dir, tmp_path, capsys):
     """A model trained with --num-classes 10 samples one row per class by default, and --labels 3,3,7 draws
-    exactly those three; the trajectory shows one sample per class asked for."""
+    exactly those three; the trajectory shows one sample per class asked for; --figures adds a row per
+    guidance scale."""
     from PIL import Image
     code, _, _ = run_cli(["--sample-only", "--checkpoint", str(trained_conditional), "--out-dir", str(tmp_path / "a")],
                          capsys)
@@ -869,6 +976,9 @@ def test_a_conditional_model_draws_the_classes_asked_for(trained_conditional, tm
                           "--out-dir", str(tmp_path / "b")], capsys)
     assert code == 0 and Image.open(tmp_path / "b" / "samples.png").size == (2 + 3 * 30, 2 + 30)
     assert Image.open(tmp_path / "b" / "trajectory.png").size == (2 + 9 * 30, 2 + 2 * 30)
+    code, _, _ = run_cli(["--sample-only", "--checkpoint", str(trained_conditional), "--figures", "--sample-steps", "2",
+                          "--data-dir", str(idx_dir), "--out-dir", str(tmp_path / "c")], capsys)
+    assert code == 0 and Image.open(tmp_path / "c" / "guidance.png").size == (2 + 10 * 30, 2 + 5 * 30)
 
 
 def test_recipe_post_sets_the_posts_settings_and_typed_flags_win(idx_dir, tmp_path, capsys):
@@ -999,6 +1109,31 @@ def test_a_killed_run_leaves_a_loadable_checkpoint(idx_dir, tmp_path):
     proc.kill()
     proc.communicate()
     assert fm.load_checkpoint(str(out / "checkpoint.pt"))["step"] > first
+
+
+@given(shift=st.floats(-3, 3), scale=st.floats(0.2, 3.0), seed=seeds)
+@settings(max_examples=5)
+def test_frechet_distance_of_moved_features(shift, scale, seed):
+    """evaluate.frechet, |mu1 - mu2|^2 + Tr S1 + Tr S2 - 2 Tr (S1^1/2 S2 S1^1/2)^1/2 on the empirical moments, is 0
+    for a feature set against itself, c^2 d for a shift by c in all d coordinates, and (s - 1)^2 (|mu|^2 + Tr S)
+    for a scaling by s (then S2 = s^2 S1 commutes with S1)."""
+    f = torch.randn(500, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) @ torch.randn(6, 6, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64) + 1
+    assert evaluate.frechet(f, f) == pytest.approx(0, abs=1e-6)
+    assert evaluate.frechet(f, f + shift) == pytest.approx(6 * shift**2, rel=1e-6, abs=1e-6)
+    expected = (scale - 1) ** 2 * ((f.mean(0) ** 2).sum() + torch.cov(f.T).trace()).item()
+    assert evaluate.frechet(f, scale * f) == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+def test_evaluate_scores_a_conditional_checkpoint(trained_conditional, idx_dir, tmp_path, capsys):
+    """python evaluate.py trains (once) and caches a classifier beside the data, then scores samples for each
+    guidance scale asked for: FD, confidence, class KL and the share read as the class asked for."""
+    import json
+    evaluate.main(["--checkpoint", str(trained_conditional), "--data-dir", str(idx_dir), "--n-samples", "20",
+                   "--sample-steps", "2", "--guidance", "0,2", "--json", str(tmp_path / "e.json")])
+    rows = json.loads((tmp_path / "e.json").read_text())["rows"]
+    assert [r["guidance"] for r in rows] == [0.0, 2.0]
+    assert all(math.isfinite(r["fd"]) and 0 <= r["label"] <= 1 and 0 < r["conf"] <= 1 for r in rows)
+    assert (idx_dir / "flow_matching_lenet_mnist.pt").is_file() and "label" in capsys.readouterr().out
 
 
 def test_help_and_a_bad_flag_as_a_process():
