@@ -52,8 +52,9 @@ class CFG:
     batch_size: int = arg(32, "examples per optimizer step (post: 256)")
     lr: float = arg(2e-3, "AdamW learning rate, the peak of the schedule (post: 2e-4)")
     epochs: int = arg(3, "passes over the training set (post: 5)")
-    num_workers: int = arg(0, "DataLoader worker processes (post: 2, never passed to the DataLoader)")
-    # Flow matching params
+    num_workers: int = arg(0, "DataLoader worker processes (post: 2, never passed on); the data is in memory, "
+                              "so 0 is fastest")
+    # Flow matching params (the post's t_eps was never used, and is not needed: README, erratum 3)
     sigma_min: float = arg(1e-2, "endpoint noise: the path ends at x1 + sigma_min x0; in [0, 1)")
     # Sampling params
     sample_steps: int = arg(20, "ODE solver steps from t=0 to t=1 (post: 50)")
@@ -87,7 +88,7 @@ class SinusoidalTimeEmbedding(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        if dim % 2:  # erratum: an odd dim silently gave dim - 1 features
+        if dim % 2:  # erratum: an odd dim gave dim - 1 features
             raise ValueError(f"dim must be even (sin and cos halves), got {dim}")
         self.dim = dim
 
@@ -113,12 +114,13 @@ class VelocityNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         h = self.inp(x) + (self.mlp(self.time(t)) + self.label(y, x))[:, :, None, None]  # (B, ch, 28, 28)
+        # self.label(y, x): 0 for an unconditional net; x only gives the batch size and device
         return self.net(h)  # (B, 1, 28, 28)
 
 
 def sample_ot_path(x1: Tensor, sigma_min: float = 0.01, t: Tensor | None = None, x0: Tensor | None = None):
     """A ship stopped mid-voyage on the OT conditional path (post: Conditional Flow Matching):
-        x_t = (1 - (1 - sigma_min) t) x0 + t x1,   u = d/dt x_t = x1 - (1 - sigma_min) x0,
+        x_t = psi_t(x0) = (1 - (1 - sigma_min) t) x0 + t x1,   u = d/dt psi_t(x0) = x1 - (1 - sigma_min) x0,
     x0 ~ N(0, I) and t ~ U[0, 1] drawn unless given. x1: (B, ...) data. Returns t (B,), x_t, u like x1."""
     t = torch.rand(x1.shape[0], device=x1.device) if t is None else t
     x0 = torch.randn_like(x1) if x0 is None else x0
@@ -131,7 +133,8 @@ def sample_ot_path(x1: Tensor, sigma_min: float = 0.01, t: Tensor | None = None,
 def flow_matching_loss(model: nn.Module, x1: Tensor, sigma_min: float = 0.01, t_dist: str = "uniform",
                        y: Tensor | None = None) -> Tensor:
     """L_CFM = E_{t, x1, x0} || v_theta(x_t, t) - (x1 - (1 - sigma_min) x0) ||^2, averaged over the batch and
-    the coordinates; t ~ T_DISTS[t_dist] (post: uniform; part 2). y: labels for a conditional model."""
+    the D coordinates (so L_CFM / D); t ~ T_DISTS[t_dist] (post: uniform; CFG's default is part 2's
+    logit-normal). y: labels for a conditional model."""
     t, xt, u = sample_ot_path(x1, sigma_min, t=T_DISTS[t_dist](x1.shape[0], x1.device))
     v = model(xt, t) if y is None else model(xt, t, y)
     if v.shape != u.shape:  # erratum: the post's (B, 64, 28, 28) output broadcast silently against u
@@ -143,12 +146,14 @@ def train(cfg: CFG, dataset=None, model: nn.Module | None = None, resume: dict |
     """The post's loop: for each batch x1, regress v_theta on the OT target with AdamW (L_CFM above).
     model: any nn.Module mapping x (B, *cfg.data_shape) and t (B,) to a velocity of x's shape; None builds
     cfg.arch. dataset: (x, label) pairs; None loads cfg.dataset. resume: a checkpoint (load_checkpoint).
-    Returns the weight average (part 2) to sample from, in eval mode. Everything that is not the post's
-    loop (device, schedule, checkpoints, Ctrl-C, progress) is in TrainingRun, part 3."""
+    Returns the weight average (part 2) to sample from, in eval mode. The schedule, the average and the
+    labels for guidance are part 2; the device, data order, checkpoints, Ctrl-C and progress are
+    TrainingRun's, part 3."""
     with TrainingRun(cfg, dataset, model, resume) as run:
-        for x1, y in run.batches():  # x1: (B, *data_shape) on the device; y: None, or labels (guidance)
+        for x1, y in run.batches():  # x1: (B, *data_shape) and its labels y (B,), on the device
+            run.opt.param_groups[0]["lr"] = learning_rate(cfg, run.step, run.last)  # part 2: warm-up, decay
             with run.autocast():
-                loss = flow_matching_loss(run.model, x1, cfg.sigma_min, cfg.t_dist, y)
+                loss = flow_matching_loss(run.model, x1, cfg.sigma_min, cfg.t_dist, drop_labels(y, cfg))
             run.opt.zero_grad(set_to_none=True)
             loss.backward()
             run.opt.step()
@@ -157,8 +162,9 @@ def train(cfg: CFG, dataset=None, model: nn.Module | None = None, resume: dict |
     return run.result()
 
 
-# ----------------------------------------------------------------------------- A Quick Differential Equations Aside
-# dX_t/dt = u_t(X_t), X_0 = x0: each solver takes one step of length dt (negative runs time backwards).
+# ----------------------------------------------------------------------------- Generation is navigation: the ODE
+# The post's "Quick Differential Equations Aside": dX_t/dt = u_t(X_t), X_0 = x0. Each solver takes one step of
+# length dt (a negative dt runs time backwards); integrate strings the steps together; sample uses it.
 def euler_step(v, x: Tensor, t: Tensor, dt: float) -> Tensor:
     """X_{t+dt} = X_t + dt v(X_t, t): the post's sampler; global error O(dt)."""
     return x + dt * v(x, t)
@@ -183,9 +189,9 @@ SOLVERS = {"euler": euler_step, "midpoint": midpoint_step, "rk4": rk4_step}
 
 def integrate(v, x: Tensor, steps: int, solver: str = "euler", shift: float = 1.0, path: list | None = None,
               reverse: bool = False) -> Tensor:
-    """The flow psi_t: solve dX/dt = v(X, t) from X_0 = x at t=0 to t=1, in `steps` steps of `solver` at the
-    times time_grid(steps, shift) (part 2; shift 1: even, the post's). reverse: from X_1 = x at t=1 back to
-    t=0, which inverts the flow. v takes x and t (B,). Returns X at the far end; `path` gets X at each time."""
+    """The flow: solve dX/dt = v(X, t) from X_0 = x at t=0 to t=1, in `steps` steps of `solver` at the times
+    time_grid(steps, shift) (part 2; shift 1: even, the post's), and return X_1 ~ psi_1(x). reverse: from
+    X_1 = x at t=1 back to t=0, which inverts the flow. v takes x and t (B,). `path` gets X at each time."""
     grid = time_grid(steps, shift)[::-1] if reverse else time_grid(steps, shift)
     for t0, t1 in zip(grid, grid[1:]):
         if path is not None:
@@ -200,14 +206,17 @@ def integrate(v, x: Tensor, steps: int, solver: str = "euler", shift: float = 1.
 @torch.inference_mode()
 def sample(model: nn.Module, cfg: CFG, labels: Tensor | None = None) -> Tensor:
     """Generation is navigation: release ships x0 ~ N(0, I) of the data's shape and follow the learned
-    wind, dX/dt = v_theta(X, t), from t=0 to t=1 with cfg.solver. Same cfg.seed, same samples. labels:
-    class ids (N,) for a conditional model, guided by cfg.guidance (part 2). Returns (N, *cfg.data_shape),
-    N = cfg.n_samples or len(labels), on the CPU: images as pixels in [0, 1] as in the post, else as is."""
+    wind, dX/dt = v_theta(X, t), from t=0 to t=1: cfg.sample_steps steps of cfg.solver at the times
+    time_grid(steps, shift_of(cfg)) (part 2; the post's even grid is --time-shift 1). Same cfg.seed, same
+    samples. labels: class ids (N,) for a conditional model, guided by cfg.guidance (part 2). Returns
+    (N, *cfg.data_shape), N = cfg.n_samples or len(labels), on the CPU: images as pixels in [0, 1] as in
+    the post, other data as is."""
     validate(cfg)
     x0 = noise(cfg, cfg.n_samples if labels is None else len(labels), device_of(model))
-    ys = [None] * len(x0.split(64)) if labels is None else labels.split(64)
+    chunk = 64 if x0.device.type == "cpu" else len(x0)  # on a CPU, 64 images at a time stay in its caches
+    ys = labels.split(chunk) if labels is not None else [None] * math.ceil(len(x0) / chunk)
     x = torch.cat([integrate(guided(model, y, cfg), x, cfg.sample_steps, cfg.solver, shift_of(cfg))
-                   for x, y in zip(x0.split(64), ys)])  # chunks of 64 stay in the CPU's caches
+                   for x, y in zip(x0.split(chunk), ys)])
     return ((x.clamp(-1, 1) + 1) / 2 if len(cfg.data_shape) == 3 else x).float().cpu()
 
 
@@ -271,8 +280,8 @@ T_DISTS = {"uniform": lambda n, device: torch.rand(n, device=device),
 
 
 def learning_rate(cfg: CFG, step: int, total: int) -> float:
-    """cfg.lr at `step` (0, ..., total - 1): constant (post), or a linear warm-up over min(100, total/20) steps
-    and a cosine decay to cfg.lr / 10 at the last step (README: departures)."""
+    """cfg.lr at `step` (0, ..., total - 1): constant (post), or a linear warm-up over min(100, total // 20 + 1)
+    steps and a cosine decay to cfg.lr / 10 at the last step (README: departures)."""
     warmup = min(100, total // 20 + 1)
     if cfg.schedule == "constant":
         return cfg.lr
@@ -288,13 +297,14 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
     random initial weights, which a plain 0.999 still holds 45% of after 800 steps. Sampling the average
     gives smoother samples than the last weights (README: departures)."""
     d = min(decay, (1 + step) / (10 + step))
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
-    for e, b in zip(ema.buffers(), model.buffers()):
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - d)
+    for e, b in zip(ema.buffers(), model.buffers()):  # e.g. BatchNorm's statistics, in a model of yours
         e.copy_(b)
 
 
-# The solver's time grid. Shorter steps near the noise help Euler and midpoint (README: solver table); RK4
-# evaluates v at t = 1, where the field is steepest, so it keeps even steps and its last step short.
+# The solver's time grid. Shorter steps near the noise help Euler and midpoint (README: departures). RK4
+# evaluates v at t = 1, where the field is steepest; it keeps even steps, so its last step is not stretched.
 TIME_SHIFTS = {"euler": 3.0, "midpoint": 3.0, "rk4": 1.0}
 
 
@@ -376,9 +386,11 @@ def log_likelihood(model: nn.Module, x: Tensor, cfg: CFG, exact: bool = False, s
     (Chen et al. 2018): d/dt log p_t(X_t) = -div v(X_t, t). Integrating [X, L] with d/dt [X, L] = [v, div v]
     from [x, 0] at t=1 back to t=0 gives log p_1(x) = log N(X_0; 0, I) + L_0. exact=False estimates the
     divergence with Hutchinson's trick, one Rademacher probe per example fixed through the solve (FFJORD,
-    Grathwohl et al. 2019): an unbiased estimate of log p_1(x) up to the solver's error."""
+    Grathwohl et al. 2019): an unbiased estimate of log p_1(x) up to the solver's error. A conditional model
+    is asked for its null label, so this is its unconditional likelihood. Needs autograd: not inside
+    torch.inference_mode()."""
     n, d = x.shape[0], x[0].numel()
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)  # not bits_per_dim's jitter stream
     probe = None if exact else (torch.randint(0, 2, x.shape, generator=g) * 2 - 1).to(x)
 
     def field(state: Tensor, t: Tensor) -> Tensor:  # state: (N, d + 1) = [X flattened, L]
@@ -408,12 +420,15 @@ def slerp(a: Tensor, b: Tensor, alpha: float) -> Tensor:
     """Spherical interpolation between two noises: stays where N(0, I) has its mass (|x| ~ sqrt(d)),
     where a straight line between them would pass through unusually small noise."""
     omega = torch.arccos(((a * b).sum() / (a.norm() * b.norm())).clamp(-1, 1))
+    if omega < 1e-4:  # (nearly) the same direction: the straight line is the arc
+        return (1 - alpha) * a + alpha * b
     return (torch.sin((1 - alpha) * omega) * a + torch.sin(alpha * omega) * b) / torch.sin(omega)
 
 
 @torch.inference_mode()
 def straightness(model: nn.Module, cfg: CFG) -> dict:
-    """How curved the learned flow is, along cfg.n_samples RK4 paths of cfg.sample_steps steps from noise:
+    """How curved the learned flow is (a conditional model: its null label), along cfg.n_samples RK4 paths of
+    cfg.sample_steps steps from noise:
     straightness S = E int_0^1 || (X_1 - X_0) - v(X_t, t) ||^2 dt / E || X_1 - X_0 ||^2 (0: straight lines,
     Liu et al. 2022, normalized) and the error of one Euler step, || X_0 + v(X_0, 0) - X_1 || / || X_1 - X_0 ||."""
     path, n, steps = [], cfg.n_samples, cfg.sample_steps
@@ -430,7 +445,8 @@ def straightness(model: nn.Module, cfg: CFG) -> dict:
 
 # ----------------------------------------------------------------------------- The probability path, in closed form
 def mixture_path(x: Tensor, t, means: Tensor, stds: Tensor, weights: Tensor, sigma_min: float = 0.01):
-    """p_t(x) (N,) and u_t(x) (N, d) on the OT path when the data is a Gaussian mixture sum_k w_k N(m_k, s_k^2 I);
+    """p_t(x) (N,) and the post's u_t^target(x) (N, d) on the OT path when the data is a Gaussian mixture
+    sum_k w_k N(m_k, s_k^2 I);
     x: (N, d), t: a number or one time per point (N,), means (K, d), stds and weights (K,).
     Given component k, x_t = a_t x0 + t x1 (a_t = 1 - (1 - sigma_min) t) is N(t m_k, (a_t^2 + t^2 s_k^2) I),
     so p_t is the mixture of these, and u_t(x) = E[u | x_t = x] is the posterior-weighted sum of each
@@ -447,7 +463,7 @@ def mixture_path(x: Tensor, t, means: Tensor, stds: Tensor, weights: Tensor, sig
 
 
 RECIPES = {"post": dict(arch="post", batch_size=256, lr=2e-4, schedule="constant", epochs=5, t_dist="uniform",
-                        ema=0.0, sigma_min=0.01, sample_steps=50, solver="euler", time_shift=1.0, precision="fp32")}
+                        ema=0.0, sigma_min=0.01, sample_steps=50, solver="euler", time_shift="1", precision="fp32")}
 
 
 # ============================================================================= Plumbing
@@ -467,7 +483,7 @@ class TrainingRun:
         model = build_model(cfg) if model is None else model
         self.model = model.to(self.device, memory_format=torch.channels_last)  # NHWC: faster convolutions
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, fused=self.device.type != "mps")
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr)
         self.bf16 = use_bf16(cfg.precision, self.device)
         self.steps_per_epoch = math.ceil(len(self.dataset) / cfg.batch_size)
         total = cfg.epochs * self.steps_per_epoch
@@ -494,10 +510,8 @@ class TrainingRun:
             loader = DataLoader(self.dataset, self.cfg.batch_size, sampler=order[done * self.cfg.batch_size:].tolist(),
                                 num_workers=self.cfg.num_workers, generator=torch.Generator())
             for x1, y in loader:
-                for group in self.opt.param_groups:
-                    group["lr"] = learning_rate(self.cfg, self.step, self.last)
                 x1 = x1.to(self.device, memory_format=torch.channels_last if x1.dim() == 4 else torch.preserve_format)
-                yield x1, drop_labels(torch.as_tensor(y).to(self.device), self.cfg)
+                yield x1, torch.as_tensor(y).to(self.device)
                 if self.step == self.last:
                     break
             self.save()  # every epoch, and at the end
@@ -533,12 +547,13 @@ def build_model(cfg: CFG) -> nn.Module:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast where the hardware multiplies bf16 natively: CUDA, and CPUs with AMX (Intel Sapphire
-    Rapids and later). Elsewhere bf16 is emulated and slower than fp32."""
+    """bf16 autocast where the hardware multiplies bf16 natively: CUDA GPUs from Ampere on, and CPUs with
+    AMX (Intel Sapphire Rapids and later). Elsewhere bf16 is emulated and slower than fp32."""
     if precision != "auto":
         return precision == "bf16"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    return device.type == "cuda" or (device.type == "cpu" and amx())
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -850,7 +865,7 @@ def sigint_flag():
         hits.append(signum)
         signal.signal(signal.SIGINT, previous)
 
-    previous = signal.signal(signal.SIGINT, handle) if in_main else None
+    previous = (signal.signal(signal.SIGINT, handle) or signal.default_int_handler) if in_main else None
     try:
         yield lambda: bool(hits)
     finally:
@@ -916,6 +931,8 @@ def main(argv=None) -> None:
         raise UserError("--resume trains and --sample-only does not: choose one")
     if recipe and (resume or sample_only):
         raise UserError("--recipe starts a new run; a checkpoint already holds its settings")
+    if resume and (fixed := [k for k in ("batch_size", "seed", "dataset") if k in args]):
+        raise UserError(f"--{flag(fixed[0])}: a resumed run keeps its checkpoint's, or its data order would change")
     if sample_only and args.keys() - SAMPLING:
         raise UserError(f"--{flag(sorted(args.keys() - SAMPLING)[0])} is a training setting; --sample-only uses "
                         f"the checkpoint's")
