@@ -845,6 +845,17 @@ def test_label_drop_replaces_labels_by_the_null_label(tmp_path, monkeypatch):
     assert torch.equal(dropped[dropped != 6], y[dropped != 6]) and within_se(((dropped == 6).double() - 0.25)[:, None])
 
 
+@pytest.mark.parametrize("arch", fm.ARCHS)
+def test_an_unconditional_model_carries_no_guidance(arch):
+    """With num_classes = 0 (the post) the networks have no label parameters, the same ones as with labels
+    minus the embedding, and drop_labels draws no random numbers: training is what it was without guidance."""
+    plain, conditional = fm.ARCHS[arch](), fm.ARCHS[arch](num_classes=10)
+    extra = conditional.state_dict().keys() - plain.state_dict().keys()
+    assert not any("label" in k for k in plain.state_dict()) and extra == {"label.embed.weight"}
+    state = torch.get_rng_state()
+    assert fm.drop_labels(torch.arange(8), fm.CFG()) is None and torch.equal(torch.get_rng_state(), state)
+
+
 @given(w=st.floats(0.0, 4.0), mu=st.floats(0.5, 2.0), s=st.floats(0.3, 1.5), seed=seeds)
 @settings(max_examples=6)
 def test_guided_samples_land_where_the_formula_says(w, mu, s, seed):
