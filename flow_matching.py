@@ -58,9 +58,10 @@ class CFG:
     sigma_min: float = arg(1e-2, "endpoint noise: the path ends at x1 + sigma_min x0; in [0, 1)")
     # Sampling params
     sample_steps: int = arg(20, "ODE solver steps from t=0 to t=1 (post: 50)")
-    solver: str = arg("euler", "euler | midpoint | rk4: 1, 2 or 4 network calls a step (post: euler)")
     n_samples: int = arg(64, "examples to sample")
     out_dir: str = arg("fm_out", "folder for checkpoint.pt and the pictures")
+    solver: str = arg("euler", "euler | midpoint | rk4: 1, 2 or 4 network calls a step (post: euler, "
+                               "though its CFG promised RK4: README, erratum 2)")
     # Beyond the post (part 2): the network and the training recipe
     arch: str = arg("unet", "unet | post (the post's VelocityNet, its bug fixed)")
     t_dist: str = arg("logit-normal", "training times t: logit-normal | uniform (post)")
@@ -163,8 +164,9 @@ def train(cfg: CFG, dataset=None, model: nn.Module | None = None, resume: dict |
 
 
 # ----------------------------------------------------------------------------- Generation is navigation: the ODE
-# The post's "Quick Differential Equations Aside": dX_t/dt = u_t(X_t), X_0 = x0. Each solver takes one step of
-# length dt (a negative dt runs time backwards); integrate strings the steps together; sample uses it.
+# The post's "Quick Differential Equations Aside": dX_t/dt = u_t(X_t), X_0 = x0, here with the learned v_theta
+# as u_t. Each solver takes one step of length dt (a negative dt runs time backwards); integrate strings the
+# steps together; sample uses it.
 def euler_step(v, x: Tensor, t: Tensor, dt: float) -> Tensor:
     """X_{t+dt} = X_t + dt v(X_t, t): the post's sampler; global error O(dt)."""
     return x + dt * v(x, t)
@@ -190,8 +192,8 @@ SOLVERS = {"euler": euler_step, "midpoint": midpoint_step, "rk4": rk4_step}
 def integrate(v, x: Tensor, steps: int, solver: str = "euler", shift: float = 1.0, path: list | None = None,
               reverse: bool = False) -> Tensor:
     """The flow: solve dX/dt = v(X, t) from X_0 = x at t=0 to t=1, in `steps` steps of `solver` at the times
-    time_grid(steps, shift) (part 2; shift 1: even, the post's), and return X_1 ~ psi_1(x). reverse: from
-    X_1 = x at t=1 back to t=0, which inverts the flow. v takes x and t (B,). `path` gets X at each time."""
+    time_grid(steps, shift) (part 2; shift 1: even, the post's), and return X_1, where v carries x. reverse:
+    from X_1 = x at t=1 back to t=0, which inverts the flow. v takes x and t (B,). `path` gets X at each time."""
     grid = time_grid(steps, shift)[::-1] if reverse else time_grid(steps, shift)
     for t0, t1 in zip(grid, grid[1:]):
         if path is not None:
@@ -723,7 +725,7 @@ def save_straightness(model: nn.Module, cfg: CFG, path: Path, rows: int = 6, col
 
 
 @torch.inference_mode()
-def save_guidance(model: nn.Module, cfg: CFG, path: Path, scales=(0.0, 1.0, 2.0, 3.0, 4.0)) -> None:
+def save_guidance(model: nn.Module, cfg: CFG, path: Path, scales=(0.0, 1.0, 1.5, 2.0, 3.0)) -> None:
     """One row per guidance scale w, one column per class, the same noise in every row: how w trades variety
     for the class asked for."""
     labels = torch.arange(cfg.num_classes)

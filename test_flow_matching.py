@@ -491,20 +491,18 @@ def test_encode_inverts_the_flow(solver, mu, s, sigma_min, seed):
 @settings(max_examples=6)
 def test_log_likelihood_of_gaussian_data(p, exact):
     """fm.log_likelihood with the closed-form field is log N(x; mu, (s^2 + sigma_min^2) I), the density the
-    flow carries N(0, I) to, up to RK4's error, which falls at least 2^3.7-fold per doubling of the steps. The
-    divergence is exact, or Hutchinson's estimate, itself exact here: for a field linear in x with the same
-    slope in every coordinate, probe^T (dv/dx) probe = tr(dv/dx) for every Rademacher probe."""
+    flow carries N(0, I) to, up to RK4's error: at most steps^-4 at 8, 16 and 32 steps (0.28 steps^-4 at most
+    across the drawn range, measured; a ratio of successive errors is not used, as the error can change sign
+    and make one ratio small by luck). The divergence is exact, or Hutchinson's estimate, itself exact here:
+    for a field linear in x with the same slope in every coordinate, probe^T (dv/dx) probe = tr(dv/dx)."""
     mu, s, sigma_min, d = p["mu"], max(p["s"], 0.5), max(p["sigma_min"], 0.05), p["d"]
     x = mu + s * torch.randn(64, d, generator=torch.Generator().manual_seed(p["seed"]), dtype=torch.float64)
     model = Field(lambda x, t: gaussian_field(x, t, mu, s, sigma_min))
     var = s**2 + sigma_min**2
     truth = -0.5 * ((x - mu) ** 2).sum(1) / var - 0.5 * d * math.log(2 * math.pi * var)
-    errors = []
-    for n in (4, 8, 16):
+    for n in (8, 16, 32):
         cfg = fm.CFG(device="cpu", solver="rk4", sample_steps=n, time_shift=1.0)
-        errors.append((fm.log_likelihood(model, x, cfg, exact=exact) - truth).abs().max().item())
-    assert errors[2] < 1e-5
-    assert errors[1] <= errors[0] / 13 and errors[2] <= errors[1] / 13  # order >= 4 - 0.3
+        assert (fm.log_likelihood(model, x, cfg, exact=exact) - truth).abs().max().item() <= n ** -4.0
 
 
 @given(p=mixtures())
