@@ -124,7 +124,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, help="sampling seed [default: the checkpoint's]")
     p.add_argument("--dataset", choices=list(fm.DATASETS), help="[default: the checkpoint's]")
     p.add_argument("--data-dir", help="[default: the checkpoint's]")
-    p.add_argument("--device", help="[default: the checkpoint's]")
+    p.add_argument("--device", help="[default: auto, whatever device the checkpoint was trained on]")
     p.add_argument("--json", metavar="PATH", help="also write the table here")
     return p.parse_args(argv)
 
@@ -158,7 +158,7 @@ def main(argv=None) -> None:
     for solver, steps, w in grid:
         run_cfg = fm.CFG(**{**base, "solver": solver, "sample_steps": steps, "guidance": w})
         t0 = time.monotonic()
-        x = fm.sample(model, run_cfg, labels)
+        x = fm.generate(model, run_cfg, labels)
         row = {"solver": solver, "steps": steps, "guidance": w, **scores(net, reference, x, labels),
                "sample_s": round(time.monotonic() - t0, 1)}
         rows.append(row)

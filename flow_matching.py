@@ -1,43 +1,26 @@
 """
-Conditional Flow Matching on MNIST in one file: the code of the blog post "Sailing the Seas of Flow
-Matching", in the post's order and with its names, its bugs fixed (README.md: Errata). Three parts:
-  1. The post: from here to the "Beyond the post" line, the whole algorithm, each equation in a docstring.
-  2. Beyond the post: the U-Net, the training recipe, guidance, the flow as a CNF (likelihood, inversion).
+Conditional Flow Matching on MNIST in one file: the code of the blog post "Sailing the Seas of Flow Matching",
+in the post's order and with its names, its bugs fixed (README.md: Errata), then what a reference adds.
+
+    python flow_matching.py                  # train on MNIST, sample, save fm_out/samples.png
+    python flow_matching.py --max-steps 300  # a trial run of a minute or two
+    python flow_matching.py --help           # everything else, in groups
+
+The file has three parts, each fenced by a "# ====" line:
+  1. The post. Saved as a file of its own, the text down to the "Beyond the post" line runs with only torch
+     and torchvision: train(cfg, dataset, model) is the post's loop and sample(model, cfg) its sampler, on
+     data of any shape.
+  2. Beyond the post: the U-Net, the training recipe, guidance, the flow as a CNF. fit() and generate() are
+     what the command line runs: the post's train and sample with the recipe around them.
   3. Plumbing: data, pictures, checkpoints, Ctrl-C, progress, the command line.
-
-    python flow_matching.py                  # train on MNIST in ./data, sample, save fm_out/samples.png
-    python flow_matching.py --recipe post    # the post's own settings
-    python flow_matching.py --max-steps 200  # a quick run
-    python flow_matching.py --resume         # continue fm_out/checkpoint.pt after Ctrl-C
-    python flow_matching.py --sample-only --solver rk4 --sample-steps 10
-
-As a library, on data of any shape (the README trains a small MLP on 2-D points):
-
-    model = train(cfg, dataset)   # dataset items: (x of shape cfg.data_shape, label)
-    x = sample(model, cfg)        # (cfg.n_samples, *cfg.data_shape); images come back as pixels in [0, 1]
 """
-import argparse
-import contextlib
-import copy
-import math
-import os
-import shutil
-import signal
-import sys
-import tempfile
-import threading
-import time
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
-from torchvision import datasets
-from torchvision.datasets.utils import extract_archive
-from torchvision.utils import make_grid, save_image
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
 
 
 def arg(default, help: str):
@@ -48,38 +31,54 @@ def arg(default, help: str):
 # ----------------------------------------------------------------------------- Preparing for the Journey
 @dataclass
 class CFG:
-    device: str = arg("auto", "auto | cpu | cuda | mps (auto: cuda, then mps, then cpu)")
+    """Every setting. The post's fields come first (the defaults are the command line's; the post's values are
+    in the help); the fields after them belong to parts 2 and 3, and part 1 does not read them."""
+    device: str = arg("auto", "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
     batch_size: int = arg(32, "examples per optimizer step (post: 256)")
-    lr: float = arg(2e-3, "AdamW learning rate, the peak of the schedule (post: 2e-4)")
+    lr: float = arg(2e-3, "AdamW learning rate; the schedule's peak (post: 2e-4)")
     epochs: int = arg(4, "passes over the training set (post: 5)")
-    num_workers: int = arg(0, "DataLoader worker processes (post: 2, never passed on); the data is in memory, "
-                              "so 0 is fastest")
+    num_workers: int = arg(0, "DataLoader worker processes of train(), the post's loop (post: 2, never passed on)")
     # Flow matching params (the post's t_eps was never used, and is not needed: README, erratum 3)
     sigma_min: float = arg(1e-2, "endpoint noise: the path ends at x1 + sigma_min x0; in [0, 1)")
     # Sampling params
     sample_steps: int = arg(20, "ODE solver steps from t=0 to t=1 (post: 50)")
     n_samples: int = arg(64, "examples to sample")
     out_dir: str = arg("fm_out", "folder for checkpoint.pt and the pictures")
-    solver: str = arg("euler", "euler | midpoint | rk4: 1, 2 or 4 network calls a step (post: euler, "
-                               "though its CFG promised RK4: README, erratum 2)")
-    # Beyond the post (part 2): the network and the training recipe
+    solver: str = arg("euler", "euler | midpoint | rk4: 1, 2 or 4 network calls a step (post: euler, though "
+                               "its CFG promised RK4: erratum 2)")
+    seed: int = arg(0, "seed for the weights, the data order, the training noise and the sampling noise")
+    data_dir: str = arg("./data", "torchvision's root, or a folder holding the idx files (.gz or not)")
+    data_shape: tuple = arg((1, 28, 28), "shape of one example; (C, H, W) means images in [-1, 1]")
+    # Beyond the post (part 2): the network, the training recipe, guidance
     arch: str = arg("unet", "unet | post (the post's VelocityNet, its bug fixed)")
     t_dist: str = arg("logit-normal", "training times t: logit-normal | uniform (post)")
     schedule: str = arg("cosine", "learning rate: cosine (warm-up, decay to lr/10) | constant (post)")
     ema: float = arg(0.999, "decay of the weight average that is sampled; 0: none (post)")
-    time_shift: str = arg("auto", "solver times t = u / (u + shift (1 - u)), u even: auto (3 for euler "
-                                  "and midpoint, 1 for rk4) | a number; 1: even steps (post)")
-    precision: str = arg("auto", "training arithmetic: auto (bf16 on CUDA and on CPUs with AMX) | fp32 | bf16")
+    time_shift: str = arg("auto", "solver times t = u / (u + shift (1 - u)), u even: auto (3 for euler and "
+                                  "midpoint, 1 for rk4) | a number; 1: even steps (post)")
+    precision: str = arg("auto", "training arithmetic: auto (bf16 on GPUs from Ampere on and CPUs with AMX, "
+                                 "else fp32) | fp32 | bf16")
     num_classes: int = arg(0, "0: unconditional (post); 10: a model that draws the class asked for")
     label_drop: float = arg(0.1, "share of training labels replaced by the null label (for guidance)")
     guidance: float = arg(1.0, "guidance scale w in v = v(null) + w (v(y) - v(null)); 1: plain conditional")
     # Plumbing (part 3)
-    seed: int = arg(0, "seed for weights, data order, training noise and sampling noise")
     dataset: str = arg("mnist", "mnist | fashion-mnist")
-    data_dir: str = arg("./data", "torchvision root, or a folder holding the four idx files (.gz or not)")
-    data_shape: tuple = arg((1, 28, 28), "shape of one example; (C, H, W) means images in [-1, 1]")
     max_steps: int = arg(0, "stop after this many optimizer steps; the schedule fits them (0: all epochs)")
     checkpoint_every: float = arg(300.0, "seconds between checkpoints (one is also written every epoch)")
+
+
+def pick_device(name: str) -> torch.device:
+    """The post's choice, CUDA when there is a GPU, extended to Apple's MPS; or the device named."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return torch.device(name)
+
+
+def mnist(cfg: CFG) -> datasets.MNIST:
+    """The post's data: MNIST's 60,000 training digits, each (1, 28, 28) scaled by x * 2 - 1 into [-1, 1]
+    (written as Normalize, which, unlike the post's lambda, worker processes can pickle on macOS and Windows)."""
+    to_pixels = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
+    return datasets.MNIST(cfg.data_dir, train=True, download=True, transform=to_pixels)
 
 
 # ----------------------------------------------------------------------------- The Navigator's Code
@@ -100,23 +99,27 @@ class SinusoidalTimeEmbedding(nn.Module):
 
 
 class VelocityNet(nn.Module):
-    """The navigator v_theta(x, t): the wind at position x (B, 1, 28, 28) and time t (B,), three 3x3
-    convolutions (--arch post). Erratum: the post added the time embedding to the 1-channel output, so v
-    broadcast to (B, 64, 28, 28); it belongs to the hidden features. Labels y (B,): part 2, guidance."""
+    """The navigator v_theta(x, t): the wind at position x (B, 1, 28, 28) and time t (B,), by three 3x3
+    convolutions, with the time embedding added to the hidden features."""
 
-    def __init__(self, ch: int = 64, tdim: int = 128, num_classes: int = 0):
+    def __init__(self, ch: int = 64, tdim: int = 128):
         super().__init__()
         self.time = SinusoidalTimeEmbedding(tdim)
         self.mlp = nn.Linear(tdim, ch)
-        self.label = LabelEmbedding(num_classes, ch)
-        self.inp = nn.Conv2d(1, ch, 3, padding=1)
-        self.net = nn.Sequential(nn.SiLU(), nn.Conv2d(ch, ch, 3, padding=1), nn.SiLU(),
-                                 nn.Conv2d(ch, 1, 3, padding=1))
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        h = self.inp(x) + (self.mlp(self.time(t)) + self.label(y, x))[:, :, None, None]  # (B, ch, 28, 28)
-        # self.label(y, x): 0 for an unconditional net; x only gives the batch size and device
-        return self.net(h)  # (B, 1, 28, 28)
+        self.net = nn.Sequential(
+            nn.Conv2d(1, ch, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(ch, ch, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(ch, 1, 3, padding=1),
+        )
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        t_emb = self.mlp(self.time(t))[:, :, None, None]  # (B, ch, 1, 1)
+        # Erratum: the post returned self.net(x) + t_emb, which broadcast to (B, ch, 28, 28); the time belongs
+        # to the hidden features, so it is added after the first convolution.
+        return self.net[1:](self.net[0](x) + t_emb)  # (B, 1, 28, 28)
 
 
 def sample_ot_path(x1: Tensor, sigma_min: float = 0.01, t: Tensor | None = None, x0: Tensor | None = None):
@@ -131,42 +134,42 @@ def sample_ot_path(x1: Tensor, sigma_min: float = 0.01, t: Tensor | None = None,
     return t, xt, u
 
 
-def flow_matching_loss(model: nn.Module, x1: Tensor, sigma_min: float = 0.01, t_dist: str = "uniform",
-                       y: Tensor | None = None) -> Tensor:
+def flow_matching_loss(model, x1: Tensor, sigma_min: float = 0.01, t: Tensor | None = None) -> Tensor:
     """L_CFM = E_{t, x1, x0} || v_theta(x_t, t) - (x1 - (1 - sigma_min) x0) ||^2, averaged over the batch and
-    the D coordinates (so L_CFM / D); t ~ T_DISTS[t_dist] (post: uniform; CFG's default is part 2's
-    logit-normal). y: labels for a conditional model."""
-    t, xt, u = sample_ot_path(x1, sigma_min, t=T_DISTS[t_dist](x1.shape[0], x1.device))
-    v = model(xt, t) if y is None else model(xt, t, y)
+    the D coordinates (so L_CFM / D). t ~ U[0, 1] unless given (fit() gives other distributions)."""
+    t, xt, u = sample_ot_path(x1, sigma_min, t)
+    v = model(xt, t)
     if v.shape != u.shape:  # erratum: the post's (B, 64, 28, 28) output broadcast silently against u
         raise ValueError(f"model returned {tuple(v.shape)} for inputs of shape {tuple(u.shape)}")
-    return F.mse_loss(v, u)
+    return ((v - u) ** 2).mean()
 
 
-def train(cfg: CFG, dataset=None, model: nn.Module | None = None, resume: dict | None = None) -> nn.Module:
-    """The post's loop: for each batch x1, regress v_theta on the OT target with AdamW (L_CFM above).
-    model: any nn.Module mapping x (B, *cfg.data_shape) and t (B,) to a velocity of x's shape; None builds
-    cfg.arch. dataset: (x, label) pairs; None loads cfg.dataset. resume: a checkpoint (load_checkpoint).
-    Returns the weight average (part 2) to sample from, in eval mode. The schedule, the average and the
-    labels for guidance are part 2; the device, data order, checkpoints, Ctrl-C and progress are
-    TrainingRun's, part 3."""
-    with TrainingRun(cfg, dataset, model, resume) as run:
-        for x1, y in run.batches():  # x1: (B, *data_shape) and its labels y (B,), on the device
-            run.opt.param_groups[0]["lr"] = learning_rate(cfg, run.step, run.last)  # part 2: warm-up, decay
-            with run.autocast():
-                loss = flow_matching_loss(run.model, x1, cfg.sigma_min, cfg.t_dist, drop_labels(y, cfg))
-            run.opt.zero_grad(set_to_none=True)
+def train(cfg: CFG, dataset=None, model: nn.Module | None = None) -> nn.Module:
+    """The post's loop: for each batch x1, one AdamW step on L_CFM. dataset: (x, label) pairs with x of shape
+    cfg.data_shape (None: the post's MNIST); model: any nn.Module mapping x (B, *cfg.data_shape) and t (B,) to
+    a velocity of x's shape (None: the post's VelocityNet). Returns the trained model, in eval mode."""
+    torch.manual_seed(cfg.seed)  # the same seed gives the same weights, data order and noise
+    device = pick_device(cfg.device)
+    data = mnist(cfg) if dataset is None else dataset
+    loader = DataLoader(data, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.num_workers)
+
+    model = (VelocityNet() if model is None else model).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+
+    for _ in range(cfg.epochs):
+        for x1, _ in loader:
+            x1 = x1.to(device)
+            loss = flow_matching_loss(model, x1, cfg.sigma_min)
+            opt.zero_grad()
             loss.backward()
-            run.opt.step()
-            update_ema(run.ema, run.model, cfg.ema, run.step)  # part 2: we sample the average of the weights
-            run.end_step(loss)  # progress, a stop at NaN, checkpoints, Ctrl-C
-    return run.result()
+            opt.step()
+
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------- Generation is navigation: the ODE
-# The post's "Quick Differential Equations Aside": dX_t/dt = u_t(X_t), X_0 = x0, here with the learned v_theta
-# as u_t. Each solver takes one step of length dt (a negative dt runs time backwards); integrate strings the
-# steps together; sample uses it.
+# The post's "Quick Differential Equations Aside": dX_t/dt = u_t(X_t), X_0 = x0, with the learned v_theta as u_t.
+# Each solver takes one step of length dt (a negative dt runs time backwards); integrate strings them together.
 def euler_step(v, x: Tensor, t: Tensor, dt: float) -> Tensor:
     """X_{t+dt} = X_t + dt v(X_t, t): the post's sampler; global error O(dt)."""
     return x + dt * v(x, t)
@@ -189,12 +192,14 @@ def rk4_step(v, x: Tensor, t: Tensor, dt: float) -> Tensor:
 SOLVERS = {"euler": euler_step, "midpoint": midpoint_step, "rk4": rk4_step}
 
 
-def integrate(v, x: Tensor, steps: int, solver: str = "euler", shift: float = 1.0, path: list | None = None,
-              reverse: bool = False) -> Tensor:
-    """The flow: solve dX/dt = v(X, t) from X_0 = x at t=0 to t=1, in `steps` steps of `solver` at the times
-    time_grid(steps, shift) (part 2; shift 1: even, the post's), and return X_1, where v carries x. reverse:
-    from X_1 = x at t=1 back to t=0, which inverts the flow. v takes x and t (B,). `path` gets X at each time."""
-    grid = time_grid(steps, shift)[::-1] if reverse else time_grid(steps, shift)
+def integrate(v, x: Tensor, steps: int, solver: str = "euler", grid: list[float] | None = None,
+              path: list | None = None) -> Tensor:
+    """The flow: solve dX/dt = v(X, t) from X = x at grid[0] to grid[steps] by `steps` steps of `solver`.
+    grid defaults to the post's even times 0, 1/steps, ..., 1; a grid from 1 down to 0 runs the flow backwards,
+    which inverts it. v takes x and t (B,). `path`, a list, gets X at each time."""
+    grid = [i / steps for i in range(steps + 1)] if grid is None else grid
+    if len(grid) != steps + 1:
+        raise ValueError(f"{steps} steps need {steps + 1} times, got {len(grid)}")
     for t0, t1 in zip(grid, grid[1:]):
         if path is not None:
             path.append(x)
@@ -205,30 +210,36 @@ def integrate(v, x: Tensor, steps: int, solver: str = "euler", shift: float = 1.
     return x
 
 
-@torch.inference_mode()
-def sample(model: nn.Module, cfg: CFG, labels: Tensor | None = None) -> Tensor:
-    """Generation is navigation: release ships x0 ~ N(0, I) of the data's shape and follow the learned
-    wind, dX/dt = v_theta(X, t), from t=0 to t=1: cfg.sample_steps steps of cfg.solver at the times
-    time_grid(steps, shift_of(cfg)) (part 2; the post's even grid is --time-shift 1). Same cfg.seed, same
-    samples. labels: class ids (N,) for a conditional model, guided by cfg.guidance (part 2). Returns
-    (N, *cfg.data_shape), N = cfg.n_samples or len(labels), on the CPU: images as pixels in [0, 1] as in
-    the post, other data as is."""
-    validate(cfg)
-    x0 = noise(cfg, cfg.n_samples if labels is None else len(labels), device_of(model))
-    chunk = 64 if x0.device.type == "cpu" else len(x0)  # on a CPU, 64 images at a time stay in its caches
-    ys = labels.split(chunk) if labels is not None else [None] * math.ceil(len(x0) / chunk)
-    x = torch.cat([integrate(guided(model, y, cfg), x, cfg.sample_steps, cfg.solver, shift_of(cfg))
-                   for x, y in zip(x0.split(chunk), ys)])
+def noise(cfg: CFG, n: int) -> Tensor:
+    """Ships leaving Europe: x0 ~ N(0, I), (n, *cfg.data_shape), drawn on the CPU from cfg.seed alone, so the
+    same seed gives the same noise on every device."""
+    return torch.randn(n, *cfg.data_shape, generator=torch.Generator().manual_seed(cfg.seed))
+
+
+@torch.no_grad()
+def sample(model, cfg: CFG, x0: Tensor | None = None, grid: list[float] | None = None) -> Tensor:
+    """Generation is navigation: ships x0 ~ N(0, I) (cfg.n_samples, from cfg.seed, unless given) follow the
+    learned wind dX/dt = v_theta(X, t) from t=0 to t=1, cfg.sample_steps steps of cfg.solver on the even grid
+    (or `grid`). model: any v(x, t). Returns (N, *cfg.data_shape) on the CPU: images as pixels in [0, 1], as in
+    the post; other data as it is."""
+    x0 = noise(cfg, cfg.n_samples).to(pick_device(cfg.device)) if x0 is None else x0
+    x = integrate(model, x0, cfg.sample_steps, cfg.solver, grid)
     return ((x.clamp(-1, 1) + 1) / 2 if len(cfg.data_shape) == 3 else x).float().cpu()
 
 
 # ============================================================================= Beyond the post
-# What a reference needs and the post lacks, each piece small; the README measures why.
+# What a reference adds to the post, each piece small, with its reason (docs/ has the measurements). Parts 2
+# and 3 use part 1 and never the other way round: what they add comes into part 1 as arguments.
+import math
+from functools import partial
+
+import torch.nn.functional as F
+
 
 # ----------------------------------------------------------------------------- The default network: a U-Net
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in fp32. Under bf16 autocast it would run in bf16, where on a CPU it is several
-    times slower in the channels-last layout (README: departures); fp32 statistics are also more accurate."""
+    times slower in the channels-last layout (docs/measurements.md); fp32 statistics are also more accurate."""
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x.float())
@@ -251,7 +262,7 @@ class ResBlock(nn.Module):
 
 class UNet(nn.Module):
     """The default navigator (--arch unet). The post's three convolutions see a 7x7 window: strokes, not
-    digits (README: Errata). This U-Net sees the whole digit at 7x7 and spends its compute at 14x14 and 7x7,
+    digits (erratum 9). This U-Net sees the whole digit at 7x7 and spends its compute at 14x14 and 7x7,
     with one convolution at 28x28 each way; the 28x28 skip is added, not concatenated, to halve the last one."""
 
     def __init__(self, widths: tuple[int, int, int] = (32, 64, 128), tdim: int = 128, num_classes: int = 0):
@@ -284,14 +295,14 @@ ARCHS = {"unet": UNet, "post": VelocityNet}
 
 # ----------------------------------------------------------------------------- The training recipe
 # Where on the path to train. The post draws t ~ U[0, 1]; the logit-normal t = sigmoid(N(0, 1)) trains more
-# in the middle of the path, where the velocity is hardest to predict (SD3, Esser et al. 2024; README).
+# in the middle of the path, where the velocity is hardest to predict (SD3, Esser et al. 2024).
 T_DISTS = {"uniform": lambda n, device: torch.rand(n, device=device),
            "logit-normal": lambda n, device: torch.sigmoid(torch.randn(n, device=device))}
 
 
 def learning_rate(cfg: CFG, step: int, total: int) -> float:
     """cfg.lr at `step` (0, ..., total - 1): constant (post), or a linear warm-up over min(100, total // 20 + 1)
-    steps and a cosine decay to cfg.lr / 10 at the last step (README: departures)."""
+    steps and a cosine decay to cfg.lr / 10 at the last step."""
     warmup = min(100, total // 20 + 1)
     if cfg.schedule == "constant":
         return cfg.lr
@@ -305,28 +316,11 @@ def learning_rate(cfg: CFG, step: int, total: int) -> float:
 def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
     """ema <- d ema + (1 - d) model, d = min(decay, (1 + n) / (10 + n)) at update n: the warm-up forgets the
     random initial weights, which a plain 0.999 still holds 45% of after 800 steps. Sampling the average
-    gives smoother samples than the last weights (README: departures)."""
+    gives smoother samples than the last weights. One fused call for all the weights (a GPU's launches)."""
     d = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - d)
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
     for e, b in zip(ema.buffers(), model.buffers()):  # e.g. BatchNorm's statistics, in a model of yours
         e.copy_(b)
-
-
-# The solver's time grid. Shorter steps near the noise help Euler and midpoint (README: departures). RK4
-# evaluates v at t = 1, where the field is steepest; it keeps even steps, so its last step is not stretched.
-TIME_SHIFTS = {"euler": 3.0, "midpoint": 3.0, "rk4": 1.0}
-
-
-def shift_of(cfg: CFG) -> float:
-    return TIME_SHIFTS[cfg.solver] if cfg.time_shift == "auto" else float(cfg.time_shift)
-
-
-def time_grid(steps: int, shift: float = 1.0) -> list[float]:
-    """0 = t_0 < t_1 < ... < t_steps = 1: u = i / steps mapped by t = u / (u + shift (1 - u)), SD3's time
-    shift (Esser et al. 2024). shift 1 gives even steps, the post's dt = 1 / steps; shift > 1 makes the
-    steps near the noise (t = 0) shorter and those near the data longer."""
-    return [u / (u + shift * (1 - u)) for u in (i / steps for i in range(steps + 1))]
 
 
 # ----------------------------------------------------------------------------- Guidance: draw the class asked for
@@ -364,7 +358,7 @@ def guided(model: nn.Module, y: Tensor | None, cfg: CFG):
         return model
     y = y.to(device_of(model))
     if cfg.guidance == 1:
-        return lambda x, t: model(x, t, y)
+        return partial(model, y=y)
     both = torch.cat([y, torch.full_like(y, cfg.num_classes)])
 
     def v(x: Tensor, t: Tensor) -> Tensor:
@@ -373,12 +367,66 @@ def guided(model: nn.Module, y: Tensor | None, cfg: CFG):
     return v
 
 
+# ----------------------------------------------------------------------------- The command line's loop and sampler
+def fit(cfg: CFG, dataset=None, model: nn.Module | None = None, resume: dict | None = None) -> nn.Module:
+    """The post's train() with the recipe around its loop: t ~ cfg.t_dist, the learning-rate schedule, the
+    weight average (returned, in eval mode, to sample from), labels for guidance, bf16 where the hardware has it;
+    and, from TrainingRun (part 3), the device, a data order that a resumed run continues exactly, progress,
+    checkpoints, Ctrl-C and a stop when the loss is not finite. dataset: None loads cfg.dataset; model: None
+    builds cfg.arch; resume: a checkpoint (load_checkpoint) to continue."""
+    with TrainingRun(cfg, dataset, model, resume) as run:
+        for x1, y in run.batches():  # x1: (B, *data_shape) and its labels y (B,), on the device
+            run.opt.param_groups[0]["lr"] = learning_rate(cfg, run.step, run.last)
+            labels = drop_labels(y, cfg)  # None for an unconditional model
+            v = run.model if labels is None else partial(run.model, y=labels)
+            with run.autocast():
+                loss = flow_matching_loss(v, x1, cfg.sigma_min, T_DISTS[cfg.t_dist](len(x1), x1.device))
+            run.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            run.opt.step()
+            update_ema(run.ema, run.model, cfg.ema, run.step)
+            run.end_step(loss)
+    return run.result()
+
+
+# The solver's time grid. Shorter steps near the noise help Euler and midpoint (docs/measurements.md). RK4
+# evaluates v at t = 1, where the field is steepest; it keeps even steps, so its last step is not stretched.
+TIME_SHIFTS = {"euler": 3.0, "midpoint": 3.0, "rk4": 1.0}
+
+
+def time_grid(steps: int, shift: float = 1.0) -> list[float]:
+    """0 = t_0 < t_1 < ... < t_steps = 1: u = i / steps mapped by t = u / (u + shift (1 - u)), SD3's time
+    shift (Esser et al. 2024). shift 1 gives even steps, the post's dt = 1 / steps; shift > 1 makes the
+    steps near the noise (t = 0) shorter and those near the data longer."""
+    return [u / (u + shift * (1 - u)) for u in (i / steps for i in range(steps + 1))]
+
+
+def grid_of(cfg: CFG) -> list[float]:
+    """The solver times cfg asks for: cfg.sample_steps steps, shifted by cfg.time_shift."""
+    return time_grid(cfg.sample_steps, TIME_SHIFTS[cfg.solver] if cfg.time_shift == "auto" else float(cfg.time_shift))
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, cfg: CFG, labels: Tensor | None = None) -> Tensor:
+    """The post's sample() with the recipe's grid (grid_of) and guidance (labels (N,) for a conditional model,
+    cfg.guidance), in chunks of CHUNK samples so that memory stays bounded on every device. The noise is the
+    same as sample()'s: N = cfg.n_samples or len(labels) ships from cfg.seed."""
+    validate(cfg)
+    x0 = noise(cfg, cfg.n_samples if labels is None else len(labels))
+    ys = [None] * len(x0.split(CHUNK)) if labels is None else labels.split(CHUNK)
+    return torch.cat([sample(guided(model, y, cfg), cfg, on_device(x, model), grid_of(cfg))
+                      for x, y in zip(x0.split(CHUNK), ys)])
+
+
+CHUNK = 64  # samples per pass: they stay in a CPU's caches, and a GPU's memory stays bounded (guidance doubles it)
+
+
 # ----------------------------------------------------------------------------- The flow is a CNF: inversion, likelihood
 def encode(model: nn.Module, x: Tensor, cfg: CFG, labels: Tensor | None = None) -> Tensor:
-    """The flow run backwards, X_1 = x at t=1 to X_0 at t=0: the noise that sample() would carry to x (x in
+    """The flow run backwards, X_1 = x at t=1 to X_0 at t=0: the noise that generate() would carry to x (x in
     the model's space, e.g. images in [-1, 1]). integrate(..., X_0) decodes it, up to the solver's error."""
     with torch.inference_mode():
-        return integrate(guided(model, labels, cfg), x, cfg.sample_steps, cfg.solver, shift_of(cfg), reverse=True)
+        return integrate(guided(model, labels, cfg), x, cfg.sample_steps, cfg.solver, grid_of(cfg)[::-1])
 
 
 def divergence(v: Tensor, x: Tensor, probe: Tensor | None = None) -> Tensor:
@@ -411,7 +459,7 @@ def log_likelihood(model: nn.Module, x: Tensor, cfg: CFG, exact: bool = False, s
         return torch.cat([v.detach().flatten(1), div.detach()[:, None]], 1)
 
     end = integrate(field, torch.cat([x.flatten(1), x.new_zeros(n, 1)], 1), cfg.sample_steps, cfg.solver,
-                    shift_of(cfg), reverse=True)
+                    grid_of(cfg)[::-1])
     x0, logdet = end[:, :d], end[:, d]
     return -0.5 * (x0 ** 2).sum(1) - 0.5 * d * math.log(2 * math.pi) + logdet
 
@@ -442,7 +490,7 @@ def straightness(model: nn.Module, cfg: CFG) -> dict:
     straightness S = E int_0^1 || (X_1 - X_0) - v(X_t, t) ||^2 dt / E || X_1 - X_0 ||^2 (0: straight lines,
     Liu et al. 2022, normalized) and the error of one Euler step, || X_0 + v(X_0, 0) - X_1 || / || X_1 - X_0 ||."""
     path, n, steps = [], cfg.n_samples, cfg.sample_steps
-    x1 = integrate(model, noise(cfg, n, device_of(model)), steps, "rk4", 1.0, path=path)
+    x1 = integrate(model, on_device(noise(cfg, n), model), steps, "rk4", path=path)
     x0, chord = path[0], (x1 - path[0]).flatten(1)
     times = [i / steps for i in range(steps + 1)]
     gaps = [((chord - model(x, x.new_full((n,), t)).flatten(1)) ** 2).sum(1) for x, t in zip(path, times)]
@@ -477,30 +525,51 @@ RECIPES = {"post": dict(arch="post", batch_size=256, lr=2e-4, schedule="constant
 
 
 # ============================================================================= Plumbing
-# ----------------------------------------------------------------------------- Training, around the post's loop
+import argparse
+import contextlib
+import copy
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+
+from torch.utils.data import TensorDataset
+from torchvision.datasets.mnist import read_image_file, read_label_file
+from torchvision.datasets.utils import extract_archive
+from torchvision.utils import make_grid, save_image
+
+
+# ----------------------------------------------------------------------------- Training, around the recipe's loop
 class TrainingRun:
-    """Everything train() does besides the post's loop: the device and arithmetic, AdamW and its schedule,
-    the weight average, a data order that a resumed run continues exactly, progress, checkpoints (every
-    epoch, every cfg.checkpoint_every seconds, on Ctrl-C) and a clear stop when the loss is not finite."""
+    """Everything fit() does besides the loop: the device and arithmetic, the data on the device in an order
+    that a resumed run continues exactly, AdamW, the weight average, progress, checkpoints (every epoch, every
+    cfg.checkpoint_every seconds, on Ctrl-C) and a clear stop when the loss is not finite."""
 
     def __init__(self, cfg: CFG, dataset, model: nn.Module | None, resume: dict | None):
         validate(cfg)
         self.cfg, self.device = cfg, pick_device(cfg.device)
         self.path = writable_dir(cfg.out_dir) / "checkpoint.pt"  # fail now, not after an hour of training
-        self.dataset = load_dataset(cfg.dataset, cfg.data_dir) if dataset is None else dataset
-        check_data_shape(self.dataset, cfg)
+        xs, ys = as_tensors(load_dataset(cfg.dataset, cfg.data_dir) if dataset is None else dataset, cfg)
+        self.xs, self.ys = xs.to(self.device), ys.to(self.device)  # indexed on the device, no per-item collation
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg) if model is None else model
-        self.model = model.to(self.device, memory_format=torch.channels_last)  # NHWC: faster convolutions
+        self.model = place(build_model(cfg) if model is None else model, self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr)
-        self.bf16 = use_bf16(cfg.precision, self.device)
-        self.steps_per_epoch = math.ceil(len(self.dataset) / cfg.batch_size)
+        self.bf16 = use_bf16(cfg.precision, *hardware(self.device))
+        self.steps_per_epoch = math.ceil(len(xs) / cfg.batch_size)
         total = cfg.epochs * self.steps_per_epoch
         self.last = min(total, cfg.max_steps) if cfg.max_steps else total  # the schedule ends here
-        self.step = restore(resume, self.model, self.ema, self.opt, cfg) if resume else 0
+        self.step = restore(resume, self.model, self.ema, self.opt, cfg, self.device) if resume else 0
         self.progress = Progress(self.last, self.step, cfg.batch_size)
-        self.saved_at = time.monotonic()
+        self.losses, self.saved_at = [], time.monotonic()
         self.interrupted = self._stack = None
 
     def __enter__(self):
@@ -512,85 +581,121 @@ class TrainingRun:
         self._stack.close()
 
     def batches(self):
-        """(x1, y) batches on the device until step `last`; each epoch's order depends only on (seed, epoch),
-        so a resumed run skips the batches already seen and sees exactly those an uninterrupted run would."""
+        """(x1, y) batches until step `last`; each epoch's order depends only on (seed, epoch), so a resumed
+        run skips the batches already seen and sees exactly those an uninterrupted run would."""
+        n, size = len(self.xs), self.cfg.batch_size
         while self.step < self.last:
             epoch, done = divmod(self.step, self.steps_per_epoch)
-            order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-            loader = DataLoader(self.dataset, self.cfg.batch_size, sampler=order[done * self.cfg.batch_size:].tolist(),
-                                num_workers=self.cfg.num_workers, generator=torch.Generator())
-            for x1, y in loader:
-                x1 = x1.to(self.device, memory_format=torch.channels_last if x1.dim() == 4 else torch.preserve_format)
-                yield x1, torch.as_tensor(y).to(self.device)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch)).to(self.device)
+            for i in range(done * size, n, size):
+                yield on_device(self.xs[order[i:i + size]], self.model), self.ys[order[i:i + size]]
                 if self.step == self.last:
                     break
             self.save()  # every epoch, and at the end
 
     def autocast(self):
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16)
+        return torch.autocast(self.device.type, torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def end_step(self, loss: Tensor) -> None:
-        if not torch.isfinite(loss):
-            kept = f"{self.path} keeps the last good state" if self.path.exists() else "nothing was saved"
-            raise UserError(f"the loss became {loss.item()} at step {self.step + 1}; stopped ({kept}); "
-                            f"try a lower --lr")
         self.step += 1
-        self.progress.log(self.step, (self.step - 1) // self.steps_per_epoch, loss.item())
+        self.losses.append(loss.detach())  # read at the next progress line: no wait for the device every step
+        if self.progress.due() or self.step == self.last:
+            self.progress.log(self.step, (self.step - 1) // self.steps_per_epoch, self.mean_loss())
+            self.losses = []
         if self.interrupted() or time.monotonic() - self.saved_at > self.cfg.checkpoint_every:
             self.save()
         if self.interrupted():
             raise Interrupted(self.step, self.path)
 
+    def mean_loss(self) -> float:
+        """The mean of the losses since the last progress line; a stop, naming the step, if one is not finite."""
+        losses = torch.stack(self.losses).float() if self.losses else torch.zeros(1)
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            kept = f"{self.path} keeps the last good state" if self.path.exists() else "nothing was saved"
+            raise UserError(f"the loss became {losses[bad[0, 0]].item()} at step "
+                            f"{self.step - len(losses) + 1 + bad[0, 0].item()}; stopped ({kept}); try a lower --lr")
+        return losses.mean().item()
+
     def save(self) -> None:
-        atomic_save(self.path, lambda f: torch.save(checkpoint(self.cfg, self.model, self.ema, self.opt, self.step), f))
+        self.mean_loss()  # never save weights that a loss of inf or nan has reached
+        state = checkpoint(self.cfg, self.model, self.ema, self.opt, self.step, self.device)
+        atomic_save(self.path, lambda f: torch.save(state, f))
         self.saved_at = time.monotonic()
 
     def result(self) -> nn.Module:
         return (self.ema if self.cfg.ema > 0 else self.model).eval()
 
 
+def as_tensors(dataset, cfg: CFG) -> tuple[Tensor, Tensor]:
+    """A dataset of (x, label) pairs as two tensors, x (N, *cfg.data_shape) and labels (N,)."""
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        xs, ys = dataset.tensors
+    else:
+        xs = torch.stack([torch.as_tensor(x) for x, _ in dataset])
+        ys = torch.as_tensor([y for _, y in dataset])
+    if tuple(xs.shape[1:]) != tuple(cfg.data_shape):
+        raise UserError(f"the data's examples have shape {tuple(xs.shape[1:])}, but cfg.data_shape is "
+                        f"{tuple(cfg.data_shape)}: set CFG(data_shape={tuple(xs.shape[1:])})")
+    return xs, ys
+
+
 def build_model(cfg: CFG) -> nn.Module:
-    if cfg.arch in ARCHS and tuple(cfg.data_shape) != (1, 28, 28):
+    if tuple(cfg.data_shape) != (1, 28, 28):
         raise UserError(f"--arch {cfg.arch} draws (1, 28, 28) images, not {tuple(cfg.data_shape)}: pass "
-                        f"train() a model for your data")
+                        f"fit() a model for your data")
+    if cfg.arch == "post":
+        if cfg.num_classes:
+            raise UserError("--arch post is the post's network, which takes no labels: use --arch unet with "
+                            "--num-classes")
+        return VelocityNet()
     return ARCHS[cfg.arch](num_classes=cfg.num_classes)
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast where the hardware multiplies bf16 natively: CUDA GPUs from Ampere on, and CPUs with
-    AMX (Intel Sapphire Rapids and later). Elsewhere bf16 is emulated and slower than fp32."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+def place(model: nn.Module, device: torch.device) -> nn.Module:
+    """The model on the device; on a CPU in the channels-last layout (NHWC), where convolutions run faster.
+    On a GPU GroupNorm would convert the layout back and forth around every convolution."""
+    return model.to(device, memory_format=torch.channels_last if device.type == "cpu" else torch.preserve_format)
+
+
+def on_device(x: Tensor, model: nn.Module) -> Tensor:
+    """x on the model's device, in the layout place() gave the model."""
+    device = device_of(model)
+    x = x.to(device)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cpu" and x.dim() == 4 else x
 
 
 def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters(), torch.empty(0)).device
 
 
-def noise(cfg: CFG, n: int, device: torch.device) -> Tensor:
-    """x0 ~ N(0, I) of shape (n, *cfg.data_shape), from cfg.seed alone (the same on every device)."""
-    x0 = torch.randn(n, *cfg.data_shape, generator=torch.Generator().manual_seed(cfg.seed))
-    return x0.to(device, memory_format=torch.channels_last if x0.dim() == 4 else torch.preserve_format)
+def hardware(device: torch.device) -> tuple[str, tuple[int, int], bool]:
+    """What use_bf16 decides on: the device type, a CUDA GPU's compute capability, whether the CPU has AMX."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else (0, 0)
+    amx = device.type == "cpu" and getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return device.type, capability, amx
 
 
-def check_data_shape(dataset, cfg: CFG) -> None:
-    shape = tuple(dataset[0][0].shape)
-    if shape != tuple(cfg.data_shape):
-        raise UserError(f"the data's examples have shape {shape}, but cfg.data_shape is {tuple(cfg.data_shape)}: "
-                        f"set CFG(data_shape={shape})")
+def use_bf16(precision: str, device_type: str, cuda_capability: tuple[int, int] = (0, 0), cpu_amx: bool = False) -> bool:
+    """bf16 autocast for --precision auto where the hardware multiplies bf16 natively: CUDA GPUs of compute
+    capability 8.0 (Ampere) and later, and CPUs with AMX (Intel Sapphire Rapids and later). Elsewhere it is
+    emulated and slower than fp32: a T4 (7.5), whose torch.cuda.is_bf16_supported() is true all the same; MPS."""
+    if precision != "auto":
+        return precision == "bf16"
+    return cuda_capability >= (8, 0) if device_type == "cuda" else device_type == "cpu" and cpu_amx
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (or auto)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps: Apple's MPS backend is not available here; use --device cpu (or auto)")
-    return torch.device(name)
+def check_device(name: str, cuda_count: int, mps: bool) -> None:
+    """Reject a --device that this machine lacks (cuda_count CUDA GPUs; mps: whether Apple's MPS is there)."""
+    match = re.fullmatch(r"auto|cpu|mps|cuda(?::(\d+))?", name)
+    if not match:
+        raise UserError(f"--device {name}: choose from auto, cpu, cuda, cuda:N, mps")
+    if name.startswith("cuda") and not cuda_count:
+        raise UserError(f"--device {name}: torch sees no CUDA GPU here; use --device auto or cpu")
+    if match[1] is not None and int(match[1]) >= cuda_count:
+        raise UserError(f"--device {name}: this machine has {cuda_count} CUDA GPU(s), cuda:0 to cuda:{cuda_count - 1}")
+    if name == "mps" and not mps:
+        raise UserError("--device mps: Apple's MPS backend is not available here; use --device auto or cpu")
 
 
 class UserError(Exception):
@@ -613,69 +718,81 @@ def validate(cfg: CFG) -> None:
               ("num_workers", cfg.num_workers >= 0, "must be 0 or more"),
               ("num_classes", cfg.num_classes >= 0, "must be 0 (unconditional) or more"),
               ("label_drop", 0 <= cfg.label_drop <= 1, "must be in [0, 1]"),
-              ("guidance", math.isfinite(cfg.guidance), "must be a finite number"),
-              ("device", cfg.device in ("auto", "cpu", "mps") or cfg.device.split(":")[0] == "cuda",
-               "unknown device; choose from auto, cpu, cuda, cuda:N, mps")]
+              ("guidance", math.isfinite(cfg.guidance), "must be a finite number")]
     checks += [(name, getattr(cfg, name) in choices, f"choose from {', '.join(choices)}")
                for name, choices in CHOICES.items()]
     for name, ok, why in checks:
         if not ok:
             raise UserError(f"--{flag(name)} {getattr(cfg, name)}: {why}")
+    check_device(cfg.device, torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                 torch.backends.mps.is_available())
 
 
 # ----------------------------------------------------------------------------- Data
 DATASETS = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}
-IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-             "t10k-labels-idx1-ubyte"]
 CHOICES = {"solver": SOLVERS, "t_dist": T_DISTS, "arch": ARCHS, "dataset": DATASETS,
            "schedule": ("cosine", "constant"), "precision": ("auto", "fp32", "bf16")}
 
 
 def load_dataset(name: str, data_dir: str, train: bool = True) -> TensorDataset:
-    """torchvision's MNIST or FashionMNIST as (image (1, 28, 28) in [-1, 1], label) pairs. The four idx
-    files (.gz or not) may sit in data_dir itself or in torchvision's data_dir/<Class>/raw; else they are
-    downloaded."""
-    cls = DATASETS[name]
+    """torchvision's MNIST or FashionMNIST as (image (1, 28, 28) in [-1, 1], label) pairs, read by torchvision's
+    own idx readers from data_dir or torchvision's data_dir/<Class>/raw (.gz or not); else downloaded there."""
+    cls, split = DATASETS[name], "train" if train else "t10k"
     folders = [Path(data_dir), Path(data_dir, cls.__name__, "raw")]
-    found = {stem: next((p for d in folders for p in (d / stem, d / f"{stem}.gz") if p.is_file()), None)
-             for stem in IDX_FILES}
-    offline = (f"put the four idx files ({', '.join(IDX_FILES)}, .gz or not) in {data_dir} and "
-               f"run again (for Fashion-MNIST on Debian: apt-get install dataset-fashion-mnist, then "
-               f"--data-dir /usr/share/datasets/fashion-mnist)")
-    new_root = Path(data_dir).absolute()  # the highest folder a failed download would leave behind
-    while not new_root.parent.exists():
-        new_root = new_root.parent
-    existed = new_root.exists()
+    found = [next((p for d in folders for p in (d / stem, d / f"{stem}.gz") if p.is_file()), None)
+             for stem in (f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte")]
     try:
-        if all(found.values()):  # stage them in torchvision's layout, then let torchvision read them
-            with tempfile.TemporaryDirectory() as tmp:
-                raw = Path(tmp, cls.__name__, "raw")
-                raw.mkdir(parents=True)
-                for stem, src in found.items():
-                    if src.suffix == ".gz":
-                        extract_archive(str(src), str(raw))
-                    else:
-                        (raw / stem).symlink_to(src.resolve())
-                data = cls(tmp, train=train)
-        else:
-            print(f"{name} not found in {data_dir}; downloading it there")
-            data = cls(data_dir, train=train, download=True)
-    except (OSError, RuntimeError, ValueError, TypeError, AssertionError, EOFError) as e:
-        if not all(found.values()):
-            if not existed:  # leave no empty folders behind from a download that failed
-                shutil.rmtree(new_root, ignore_errors=True)
-            raise UserError(f"no {name} in {data_dir} and the download failed; offline, {offline}") from e
+        images, labels = (download(cls, name, data_dir, train) if None in found else
+                          (read_idx(found[0], read_image_file), read_idx(found[1], read_label_file)))
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    except (OSError, RuntimeError, ValueError, AssertionError, EOFError) as e:
         raise UserError(f"could not read the {name} idx files in {data_dir} (truncated or corrupt? "
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); replace them") from e
     # The post's transform, x * 2 - 1, once for the whole uint8 tensor: torchvision's per-image PIL
-    # decoding would cost half of a training step (README: Errata).
-    return TensorDataset(data.data.unsqueeze(1).float() / 127.5 - 1, data.targets)
+    # decoding would cost half of a training step (erratum 7).
+    return TensorDataset(images.unsqueeze(1).float() / 127.5 - 1, labels)
+
+
+def read_idx(path: Path, reader) -> Tensor:
+    if path.suffix != ".gz":
+        return reader(str(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        return reader(extract_archive(str(path), tmp))
+
+
+def download(cls, name: str, data_dir: str, train: bool) -> tuple[Tensor, Tensor]:
+    """torchvision's download into data_dir; after a failure, no empty folders it made are left behind."""
+    print(f"{name} not found in {data_dir}; downloading it there")
+    new_root = Path(data_dir).absolute()  # the highest folder that does not exist yet
+    while new_root.parent != new_root and not new_root.parent.exists():  # a missing drive is its own parent
+        new_root = new_root.parent
+    existed = new_root.exists()
+    try:
+        data = cls(data_dir, train=train, download=True)
+    except (OSError, RuntimeError, ValueError) as e:
+        if not existed:
+            shutil.rmtree(new_root, ignore_errors=True)
+        raise UserError(f"no {name} in {data_dir} and the download failed; offline, put its idx files "
+                        f"(train-images-idx3-ubyte and the others, .gz or not) in {data_dir} and run again (for "
+                        f"Fashion-MNIST on Debian: apt-get install dataset-fashion-mnist, then --data-dir "
+                        f"/usr/share/datasets/fashion-mnist)") from e
+    return data.data, data.targets
 
 
 # ----------------------------------------------------------------------------- Pictures
 def save_grid(x: Tensor, path: Path, nrow: int = 8) -> None:
     """A grid of images x (N, C, H, W) in [0, 1], with torchvision's make_grid and save_image."""
     atomic_save(path, lambda f: save_image(make_grid(x, nrow=nrow), f, format="png"))
+
+
+def pixels(x: Tensor) -> Tensor:
+    return (x.float().cpu().clamp(-1, 1) + 1) / 2
+
+
+def nearest_columns(grid: list[float], cols: int) -> list[int]:
+    """The indices of the solver times nearest to `cols` evenly spaced times from 0 to 1."""
+    return [min(range(len(grid)), key=lambda j: abs(grid[j] - i / (cols - 1))) for i in range(cols)]
 
 
 def class_labels(cfg: CFG, per_class: int = 8) -> Tensor | None:
@@ -687,49 +804,42 @@ def class_labels(cfg: CFG, per_class: int = 8) -> Tensor | None:
 def save_trajectory(model: nn.Module, cfg: CFG, path: Path, labels: Tensor | None = None, cols: int = 9) -> None:
     """One sample per row (6, or one per label), at the `cols` solver times nearest to evenly spaced ones,
     from t=0 (noise) to t=1 (image)."""
-    states, shift = [], shift_of(cfg)
-    x0 = noise(cfg, 6 if labels is None else len(labels), device_of(model))
-    integrate(guided(model, labels, cfg), x0, cfg.sample_steps, cfg.solver, shift, path=states)
-    grid = time_grid(cfg.sample_steps, shift)
-    nearest = [min(range(len(grid)), key=lambda j: abs(grid[j] - i / (cols - 1))) for i in range(cols)]
-    strip = torch.stack([states[j] for j in nearest], 1).flatten(0, 1)  # (rows * cols, 1, 28, 28), row by row
-    save_grid((strip.float().cpu().clamp(-1, 1) + 1) / 2, path, nrow=cols)
+    states, grid = [], grid_of(cfg)
+    x0 = on_device(noise(cfg, 6 if labels is None else len(labels)), model)
+    integrate(guided(model, labels, cfg), x0, cfg.sample_steps, cfg.solver, grid, path=states)
+    strip = torch.stack([states[j] for j in nearest_columns(grid, cols)], 1).flatten(0, 1)  # row by row
+    save_grid(pixels(strip), path, nrow=cols)
 
 
 @torch.inference_mode()
 def save_interpolations(model: nn.Module, cfg: CFG, path: Path, test_images: Tensor, cols: int = 10) -> None:
     """Two rows: two noises joined by slerp and decoded (digits turning into each other); then two real test
     images encoded to their noises, joined by slerp and decoded (the ends come back as the real images)."""
-    device, v = device_of(model), guided(model, None, cfg)
-    a, b = noise(cfg, 2, device)
-    ea, eb = encode(model, test_images[:2].to(device), cfg)
+    a, b = on_device(noise(cfg, 2), model)
+    ea, eb = encode(model, on_device(test_images[:2], model), cfg)
     alphas = [i / (cols - 1) for i in range(cols)]
     rows = [torch.stack([slerp(p, q, al) for al in alphas]) for p, q in ((a, b), (ea, eb))]
-    x = integrate(v, torch.cat(rows), cfg.sample_steps, cfg.solver, shift_of(cfg))
-    save_grid((x.float().cpu().clamp(-1, 1) + 1) / 2, path, nrow=cols)
+    save_grid(pixels(integrate(model, torch.cat(rows), cfg.sample_steps, cfg.solver, grid_of(cfg))), path, nrow=cols)
 
 
 @torch.inference_mode()
 def save_straightness(model: nn.Module, cfg: CFG, path: Path, rows: int = 6, cols: int = 9) -> dict:
     """Where each sample is headed, seen from time t: the straight-line guess x_t + (1 - t) v(x_t, t) at
-    `cols` times along the path (columns), for `rows` samples, then the sample itself. Were the flow straight,
+    `cols` - 1 times along the path (columns), for `rows` samples, then the sample itself. Were the flow straight,
     every guess would be the final image; the early guesses are blurred averages, because it curves."""
-    states, n = [], rows
-    grid = time_grid(cfg.sample_steps, shift_of(cfg))
-    x1 = integrate(model, noise(cfg, n, device_of(model)), cfg.sample_steps, cfg.solver, shift_of(cfg), path=states)
-    nearest = [min(range(len(grid)), key=lambda j: abs(grid[j] - i / (cols - 1))) for i in range(cols - 1)]
-    guesses = [states[j] + (1 - grid[j]) * model(states[j], x1.new_full((n,), grid[j])) for j in nearest]
-    strip = torch.stack(guesses + [x1], 1).flatten(0, 1)
-    save_grid((strip.float().cpu().clamp(-1, 1) + 1) / 2, path, nrow=cols)
+    states, grid = [], grid_of(cfg)
+    x1 = integrate(model, on_device(noise(cfg, rows), model), cfg.sample_steps, cfg.solver, grid, path=states)
+    guesses = [states[j] + (1 - grid[j]) * model(states[j], x1.new_full((rows,), grid[j]))
+               for j in nearest_columns(grid, cols)[:-1]]
+    save_grid(pixels(torch.stack(guesses + [x1], 1).flatten(0, 1)), path, nrow=cols)
     return straightness(model, cfg)
 
 
-@torch.inference_mode()
 def save_guidance(model: nn.Module, cfg: CFG, path: Path, scales=(0.0, 1.0, 1.5, 2.0, 3.0)) -> None:
     """One row per guidance scale w, one column per class, the same noise in every row: how w trades variety
     for the class asked for."""
     labels = torch.arange(cfg.num_classes)
-    rows = [sample(model, replace(cfg, guidance=w), labels) for w in scales]
+    rows = [generate(model, replace(cfg, guidance=w), labels) for w in scales]
     save_grid(torch.cat(rows), path, nrow=cfg.num_classes)
 
 
@@ -756,16 +866,24 @@ def save_probability_path(path: Path, height: int = 240, width: int = 480, lines
 
 
 # ----------------------------------------------------------------------------- Checkpoints
-def checkpoint(cfg: CFG, model, ema, opt, step: int) -> dict:
-    """Everything a bit-identical resume needs; only tensors and plain types (torch.load weights_only)."""
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {"cfg": asdict(cfg), "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-            "opt": opt.state_dict(), "rng": rng}
+CHECKPOINT_FORMAT = 2  # 2: the RNG state of the device trained on, by its type
+
+
+def checkpoint(cfg: CFG, model, ema, opt, step: int, device: torch.device) -> dict:
+    """Everything a bit-identical resume needs; only tensors and plain types (torch.load weights_only). The
+    random state: the CPU's, and that of the one GPU trained on (the noise of training is drawn there)."""
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        rng["mps"] = torch.mps.get_rng_state()
+    return {"format": CHECKPOINT_FORMAT, "cfg": asdict(cfg), "step": step, "model": model.state_dict(),
+            "ema": ema.state_dict(), "opt": opt.state_dict(), "rng": rng}
 
 
 def load_checkpoint(path: str) -> dict:
+    """A checkpoint as a dict, its cfg with device "auto": a checkpoint trained on one machine loads on the
+    device that this one has (a flag typed now still wins)."""
     if not Path(path).is_file():
         raise UserError(f"checkpoint {path} not found; train first (python flow_matching.py) or pass its path")
     try:
@@ -776,10 +894,11 @@ def load_checkpoint(path: str) -> dict:
     if not isinstance(ckpt, dict) or not {"cfg", "step", "model", "ema", "opt", "rng"} <= ckpt.keys():
         raise UserError(f"{path} is not a checkpoint written by flow_matching.py")
     unknown = set(ckpt["cfg"]) - {f.name for f in fields(CFG)}
-    if unknown:
-        raise UserError(f"{path} was written by another version of flow_matching.py (unknown settings: "
-                        f"{', '.join(sorted(unknown))})")
-    return ckpt | {"path": path, "cfg": ckpt["cfg"] | {"data_shape": tuple(ckpt["cfg"].get("data_shape", (1, 28, 28)))}}
+    if ckpt.get("format") != CHECKPOINT_FORMAT or unknown:
+        raise UserError(f"{path} was written by another version of flow_matching.py" +
+                        (f" (unknown settings: {', '.join(sorted(unknown))})" if unknown else ""))
+    cfg = ckpt["cfg"] | {"device": "auto", "data_shape": tuple(ckpt["cfg"]["data_shape"])}
+    return ckpt | {"path": path, "cfg": cfg}
 
 
 def load_weights(model: nn.Module, state: dict, path: str, cfg: CFG) -> None:
@@ -790,20 +909,23 @@ def load_weights(model: nn.Module, state: dict, path: str, cfg: CFG) -> None:
     model.load_state_dict(state)
 
 
-def restore(ckpt: dict, model, ema, opt, cfg: CFG) -> int:
-    """Load weights, optimizer and RNG states from a checkpoint dict; return its step."""
+def restore(ckpt: dict, model, ema, opt, cfg: CFG, device: torch.device) -> int:
+    """Load weights, optimizer and random states from a checkpoint dict; return its step. A GPU's random state
+    is restored on the same kind of device only; elsewhere the run goes on, no longer bit-identical."""
     load_weights(model, ckpt["model"], ckpt["path"], cfg)
     load_weights(ema, ckpt["ema"], ckpt["path"], cfg)
     opt.load_state_dict(ckpt["opt"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if "cuda" in ckpt["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if device.type == "cuda" and "cuda" in ckpt["rng"]:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+    elif device.type == "mps" and "mps" in ckpt["rng"]:
+        torch.mps.set_rng_state(ckpt["rng"]["mps"])
     return ckpt["step"]
 
 
 def load_model(ckpt: dict, cfg: CFG) -> nn.Module:
     """The network a checkpoint samples: its weight average (with ema 0 that is a copy of the weights)."""
-    model = build_model(cfg).to(pick_device(cfg.device), memory_format=torch.channels_last)
+    model = place(build_model(cfg), pick_device(cfg.device))
     load_weights(model, ckpt["ema"], ckpt["path"], cfg)
     return model.eval()
 
@@ -812,9 +934,10 @@ UMASK = os.umask(0o022)
 os.umask(UMASK)
 
 
-def atomic_save(path: Path, write) -> None:
+def atomic_save(path: Path, write, tries: int = 5) -> None:
     """write(file) to a temporary file beside `path`, then rename it over `path`: a crash at any moment
-    leaves either the old file or the new one, never half of one."""
+    leaves either the old file or the new one, never half of one. On Windows the rename fails while another
+    program (a viewer, an antivirus) has `path` open, so it is tried again a few times."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes it private; a normal file respects the umask
@@ -822,7 +945,15 @@ def atomic_save(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for attempt in range(tries):
+            try:
+                os.replace(tmp, path)
+                break
+            except PermissionError as e:
+                if attempt == tries - 1:
+                    raise UserError(f"could not replace {path} ({e.strerror}): is another program holding it "
+                                    f"open?") from e
+                time.sleep(0.1 * 2 ** attempt)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -845,17 +976,16 @@ class Progress:
     def __init__(self, last: int, start: int, batch_size: int, every: float = 5.0):
         self.last, self.start, self.batch_size, self.every = last, start, batch_size, every
         self.t0 = self.t_line = time.monotonic()
-        self.losses = []
+
+    def due(self) -> bool:
+        return time.monotonic() - self.t_line >= self.every
 
     def log(self, step: int, epoch: int, loss: float) -> None:
-        self.losses.append(loss)
         now = time.monotonic()
-        if now - self.t_line < self.every and step != self.last:
-            return
-        rate = (step - self.start) / (now - self.t0)  # steps/s since this run started
-        print(f"epoch {epoch + 1} step {step}/{self.last} loss {sum(self.losses) / len(self.losses):.4f} "
-              f"{rate * self.batch_size:.0f} img/s, {(self.last - step) / rate:.0f}s left", flush=True)
-        self.t_line, self.losses = now, []
+        rate = (step - self.start) / max(now - self.t0, 1e-9)  # steps/s since this run started
+        print(f"epoch {epoch + 1} step {step}/{self.last} loss {loss:.4f} {rate * self.batch_size:.0f} img/s, "
+              f"{(self.last - step) / rate:.0f}s left", flush=True)
+        self.t_line = now
 
 
 class Interrupted(KeyboardInterrupt):
@@ -883,7 +1013,28 @@ def sigint_flag():
             signal.signal(signal.SIGINT, previous)
 
 
+def quoted(path) -> str:
+    """A path as a shell of this system reads it back (spaces, quotes)."""
+    return subprocess.list2cmdline([str(path)]) if os.name == "nt" else shlex.quote(str(path))
+
+
 # ----------------------------------------------------------------------------- The command line
+DESCRIPTION = """Train a flow-matching model on MNIST digits (or Fashion-MNIST clothes), then draw new ones from
+noise by solving an ODE. Writes OUT_DIR/samples.png, trajectory.png and checkpoint.pt.
+
+  python flow_matching.py                        train (4 epochs), then sample 64 digits
+  python flow_matching.py --max-steps 300        a trial run of a minute or two
+  python flow_matching.py --resume               continue after Ctrl-C
+  python flow_matching.py --sample-only --solver midpoint --sample-steps 10
+  python flow_matching.py --num-classes 10       a model that draws the class asked for (--labels)
+  python flow_matching.py --recipe post          the blog post's own settings and network"""
+GROUPS = {  # --help's groups, in order; the flags of each, by CFG field or by name
+    "the post's settings": ["batch_size", "lr", "epochs", "sigma_min", "sample_steps", "solver", "n_samples",
+                            "num_workers", "seed"],
+    "beyond the post: network, recipe, guidance": ["arch", "t_dist", "schedule", "ema", "time_shift", "precision",
+                                                   "num_classes", "label_drop", "guidance"],
+    "data": ["dataset", "data_dir"],
+}
 SAMPLING = {"device", "sample_steps", "solver", "n_samples", "out_dir", "time_shift", "guidance", "seed",
             "dataset", "data_dir"}  # the settings --sample-only uses; the others are the checkpoint's
 
@@ -900,24 +1051,27 @@ class OneLineParser(argparse.ArgumentParser):
 def parse_args(argv=None) -> argparse.Namespace:
     """Every CFG field but data_shape is a flag. Only the flags typed end up in the namespace, so that they
     override the recipe or the checkpoint's config as well as CFG's defaults."""
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                      argument_default=argparse.SUPPRESS)
-    for f in fields(CFG):
-        if f.name != "data_shape":
-            choices = CHOICES.get(f.name)
-            p.add_argument(f"--{flag(f.name)}", type=type(f.default), choices=choices and list(choices),
-                           metavar=None if choices else f.name.upper(), help=f"{f.metadata['help']} [default: {f.default}]")
-    p.add_argument("--recipe", choices=list(RECIPES), help="start from these settings instead of CFG's defaults: "
-                   "post = the post's CFG and code (flags typed override them)")
-    p.add_argument("--checkpoint", metavar="PATH", help="the checkpoint to resume or sample from "
-                   "[default: OUT_DIR/checkpoint.pt]")
-    p.add_argument("--resume", action="store_true", help="continue training from --checkpoint")
-    p.add_argument("--sample-only", action="store_true", help="sample from --checkpoint without training")
-    p.add_argument("--labels", metavar="Y,Y,...", help="draw these classes (a model trained with --num-classes)")
-    p.add_argument("--nll", type=int, metavar="N", help="also print the bits/dim of N test images (likelihood, by RK4 "
-                   "with --sample-steps steps)")
-    p.add_argument("--figures", action="store_true", help="also save interpolation.png, straightness.png, "
-                   "probability_path.png and, for a conditional model, guidance.png")
+    p = OneLineParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                      argument_default=argparse.SUPPRESS, usage="python flow_matching.py [options]")
+    run = p.add_argument_group("running it")
+    run.add_argument("--recipe", choices=list(RECIPES), help="start from the post's settings instead of the defaults")
+    run.add_argument("--resume", action="store_true", help="continue training from --checkpoint")
+    run.add_argument("--sample-only", action="store_true", help="sample from --checkpoint without training")
+    run.add_argument("--checkpoint", metavar="PATH", help="to resume or sample from [default: OUT_DIR/checkpoint.pt]")
+    run.add_argument("--labels", metavar="Y,Y,...", help="draw these classes (a model trained with --num-classes)")
+    run.add_argument("--figures", action="store_true", help="also save interpolation, straightness, probability "
+                     "path and (conditional models) guidance figures")
+    run.add_argument("--nll", type=int, metavar="N", help="also print the bits/dim of N test images (RK4)")
+    cfg_fields = {f.name: f for f in fields(CFG)}
+    groups = {"running it": ["max_steps", "out_dir", "device", "checkpoint_every"], **GROUPS}
+    for title, names in groups.items():
+        group = run if title == "running it" else p.add_argument_group(title)
+        for name in names:
+            f = cfg_fields[name]
+            choices = CHOICES.get(name)
+            group.add_argument(f"--{flag(name)}", type=type(f.default), choices=choices and list(choices),
+                               metavar=None if choices else name.upper(),
+                               help=f"{f.metadata['help']} [default: {f.default}]")
     return p.parse_args(argv)
 
 
@@ -947,6 +1101,8 @@ def main(argv=None) -> None:
     if sample_only and args.keys() - SAMPLING:
         raise UserError(f"--{flag(sorted(args.keys() - SAMPLING)[0])} is a training setting; --sample-only uses "
                         f"the checkpoint's")
+    if nll is not None and nll <= 0:
+        raise UserError(f"--nll {nll}: must be greater than 0")
     if resume or sample_only:
         ckpt = load_checkpoint(ckpt_path)
         cfg = CFG(**{**ckpt["cfg"], **args})  # the checkpoint's config, then the flags typed now
@@ -956,16 +1112,14 @@ def main(argv=None) -> None:
             print(f"recipe {recipe}: " + ", ".join(f"--{flag(k)} {v}" for k, v in RECIPES[recipe].items() if k not in args))
     validate(cfg)
     labels = parse_labels(labels, cfg) if labels else class_labels(cfg)
-    if nll is not None and nll <= 0:
-        raise UserError(f"--nll {nll}: must be greater than 0")
     out = writable_dir(cfg.out_dir)
     t0 = time.monotonic()
     if sample_only:
         model = load_model(ckpt, cfg)
     else:
         print(f"training {cfg.arch} on {cfg.dataset} ({pick_device(cfg.device)}), writing to {out}/")
-        model = train(cfg, resume=ckpt)
-    x = sample(model, cfg, labels)
+        model = fit(cfg, resume=ckpt)
+    x = generate(model, cfg, labels)
     save_grid(x, out / "samples.png", nrow=8)
     save_trajectory(model, cfg, out / "trajectory.png", None if labels is None else labels.unique())
     written = ["samples.png", "trajectory.png"] + ([] if sample_only else ["checkpoint.pt"])
@@ -989,11 +1143,12 @@ def main(argv=None) -> None:
 
 def report_nll(model: nn.Module, cfg: CFG, n: int) -> None:
     """Bits/dim of the first n test images: mean, standard error, time per image. A likelihood needs an accurate
-    solve, so this is RK4 with cfg.sample_steps steps on even ones (README: Euler's error flatters it)."""
+    solve, so this is RK4 with cfg.sample_steps steps on even ones (Euler's error flatters it)."""
     cfg = replace(cfg, solver="rk4", time_shift="1")
-    x = load_dataset(cfg.dataset, cfg.data_dir, train=False).tensors[0][:n].to(device_of(model))
+    x = load_dataset(cfg.dataset, cfg.data_dir, train=False).tensors[0][:n]
     t0 = time.monotonic()
-    bpd = torch.cat([bits_per_dim(model, chunk, cfg, seed=i) for i, chunk in enumerate(x.split(100))]).double()
+    bpd = torch.cat([bits_per_dim(model, on_device(chunk, model), cfg, seed=i).cpu()
+                     for i, chunk in enumerate(x.split(100))]).double()  # float64 on the CPU: MPS has none
     se = bpd.std().item() / math.sqrt(len(bpd)) if len(bpd) > 1 else float("nan")
     print(f"bits/dim of {len(bpd)} {cfg.dataset} test images: {bpd.mean().item():.3f} +- {se:.3f} (standard error; "
           f"rk4 x {cfg.sample_steps}, Hutchinson), {(time.monotonic() - t0) / len(bpd):.2f}s per image")
@@ -1008,7 +1163,7 @@ def cli(argv=None) -> int:
         return 1
     except Interrupted as e:
         print(f"\ninterrupted at step {e.step}; saved {e.path}. Resume with: python flow_matching.py "
-              f"--resume --checkpoint {e.path}", file=sys.stderr)
+              f"--resume --checkpoint {quoted(e.path)}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("\ninterrupted; the last checkpoint written, if any, is intact", file=sys.stderr)
