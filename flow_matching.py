@@ -4,14 +4,12 @@ in the post's order and with its names, its bugs fixed (README.md: Errata), then
 
     python flow_matching.py                  # train on MNIST, sample, save fm_out/samples.png
     python flow_matching.py --max-steps 300  # a trial run of a minute or two
-    python flow_matching.py --help           # everything else, in groups
 
-The file has three parts, each fenced by a "# ====" line:
+Three parts, each fenced by a "# ====" line:
   1. The post. Saved as a file of its own, the text down to the "Beyond the post" line runs with only torch
-     and torchvision: train(cfg, dataset, model) is the post's loop and sample(model, cfg) its sampler, on
-     data of any shape.
-  2. Beyond the post: the U-Net, the training recipe, guidance, the flow as a CNF. fit() and generate() are
-     what the command line runs: the post's train and sample with the recipe around them.
+     and torchvision: train(cfg, dataset, model) is the post's loop and sample(model, cfg) its sampler.
+  2. Beyond the post: the U-Net, the training recipe, guidance, the CNF view, straight paths. fit() and
+     generate() are what the command line runs: the post's train and sample with the recipe around them.
   3. Plumbing: data, pictures, checkpoints, Ctrl-C, progress, the command line.
 """
 from dataclasses import dataclass, field
@@ -61,6 +59,8 @@ class CFG:
     num_classes: int = arg(0, "0: unconditional (post); 10: a model that draws the class asked for")
     label_drop: float = arg(0.1, "share of training labels replaced by the null label (for guidance)")
     guidance: float = arg(1.0, "guidance scale w in v = v(null) + w (v(y) - v(null)); 1: plain conditional")
+    coupling: str = arg("independent", "how noise meets data in training: independent (post) | ot (minibatch "
+                                       "optimal transport, within each class)")
     # Plumbing (part 3)
     dataset: str = arg("mnist", "mnist | fashion-mnist")
     max_steps: int = arg(0, "stop after this many optimizer steps; the schedule fits them (0: all epochs)")
@@ -134,10 +134,11 @@ def sample_ot_path(x1: Tensor, sigma_min: float = 0.01, t: Tensor | None = None,
     return t, xt, u
 
 
-def flow_matching_loss(model, x1: Tensor, sigma_min: float = 0.01, t: Tensor | None = None) -> Tensor:
+def flow_matching_loss(model, x1: Tensor, sigma_min: float = 0.01, t: Tensor | None = None,
+                       x0: Tensor | None = None) -> Tensor:
     """L_CFM = E_{t, x1, x0} || v_theta(x_t, t) - (x1 - (1 - sigma_min) x0) ||^2, averaged over the batch and
-    the D coordinates (so L_CFM / D). t ~ U[0, 1] unless given (fit() gives other distributions)."""
-    t, xt, u = sample_ot_path(x1, sigma_min, t)
+    the D coordinates (so L_CFM / D). t ~ U[0, 1] and x0 ~ N(0, I) unless given, as in sample_ot_path."""
+    t, xt, u = sample_ot_path(x1, sigma_min, t, x0)
     v = model(xt, t)
     if v.shape != u.shape:  # erratum: the post's (B, 64, 28, 28) output broadcast silently against u
         raise ValueError(f"model returned {tuple(v.shape)} for inputs of shape {tuple(u.shape)}")
@@ -230,10 +231,13 @@ def sample(model, cfg: CFG, x0: Tensor | None = None, grid: list[float] | None =
 # ============================================================================= Beyond the post
 # What a reference adds to the post, each piece small, with its reason (docs/ has the measurements). Parts 2
 # and 3 use part 1 and never the other way round: what they add comes into part 1 as arguments.
+import copy
 import math
+from dataclasses import replace
 from functools import partial
 
 import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
 
 # ----------------------------------------------------------------------------- The default network: a U-Net
@@ -373,14 +377,18 @@ def fit(cfg: CFG, dataset=None, model: nn.Module | None = None, resume: dict | N
     weight average (returned, in eval mode, to sample from), labels for guidance, bf16 where the hardware has it;
     and, from TrainingRun (part 3), the device, a data order that a resumed run continues exactly, progress,
     checkpoints, Ctrl-C and a stop when the loss is not finite. dataset: None loads cfg.dataset; model: None
-    builds cfg.arch; resume: a checkpoint (load_checkpoint) to continue."""
+    builds cfg.arch; resume: a checkpoint (load_checkpoint) to continue. A dataset of (x1, label, x0) triples
+    trains on those pairs (reflow) instead of fresh noise."""
     with TrainingRun(cfg, dataset, model, resume) as run:
-        for x1, y in run.batches():  # x1: (B, *data_shape) and its labels y (B,), on the device
+        for x1, y, x0 in run.batches():  # x1 (B, *data_shape), labels y (B,), on the device; x0: reflow's pairs
             run.opt.param_groups[0]["lr"] = learning_rate(cfg, run.step, run.last)
             labels = drop_labels(y, cfg)  # None for an unconditional model
             v = run.model if labels is None else partial(run.model, y=labels)
+            t = T_DISTS[cfg.t_dist](len(x1), x1.device)
+            if x0 is None and cfg.coupling == "ot":
+                x0 = ot_couple(torch.randn_like(x1), x1, y if cfg.num_classes else None)
             with run.autocast():
-                loss = flow_matching_loss(v, x1, cfg.sigma_min, T_DISTS[cfg.t_dist](len(x1), x1.device))
+                loss = flow_matching_loss(v, x1, cfg.sigma_min, t, x0)
             run.opt.zero_grad(set_to_none=True)
             loss.backward()
             run.opt.step()
@@ -419,6 +427,71 @@ def generate(model: nn.Module, cfg: CFG, labels: Tensor | None = None) -> Tensor
 
 
 CHUNK = 64  # samples per pass: they stay in a CPU's caches, and a GPU's memory stays bounded (guidance doubles it)
+
+
+# ----------------------------------------------------------------------------- Straight paths: OT coupling and reflow
+# The conditional paths are straight, but the learned flow is not: paths from noises drawn apart from their data
+# cross, and the marginal field averages them into curves (erratum 18; straightness()). Two ways to uncross them.
+def assignment(cost: list[list[float]]) -> list[int]:
+    """The exact minimum-cost assignment of an n x n cost matrix: row i goes to column perm[i], sum cost[i][perm[i]]
+    least (the Hungarian algorithm, Kuhn 1955, in the O(n^3) form with potentials u, v of Jonker-Volgenant). In
+    Python: 6 ms for a batch of 32, too slow past a batch of about 128 (TorchCFM calls POT's C++ solver)."""
+    n, inf = len(cost), float("inf")
+    u, v, match, way = [0.0] * (n + 1), [0.0] * (n + 1), [0] * (n + 1), [0] * (n + 1)  # match[j]: row of column j
+    for i in range(1, n + 1):  # add row i, then grow the alternating tree to a free column
+        match[0], j0, best, used = i, 0, [inf] * (n + 1), [False] * (n + 1)
+        while match[j0]:
+            used[j0], i0, delta, j1 = True, match[j0], inf, 0
+            for j in range(1, n + 1):
+                if not used[j]:
+                    reduced = cost[i0 - 1][j - 1] - u[i0] - v[j]
+                    if reduced < best[j]:
+                        best[j], way[j] = reduced, j0
+                    if best[j] < delta:
+                        delta, j1 = best[j], j
+            for j in range(n + 1):
+                if used[j]:
+                    u[match[j]] += delta
+                    v[j] -= delta
+                else:
+                    best[j] -= delta
+            j0 = j1
+        while j0:  # flip the path: each column on it takes the row of the one before
+            match[j0], j0 = match[way[j0]], way[j0]
+    perm = [0] * n
+    for j in range(1, n + 1):
+        perm[match[j] - 1] = j - 1
+    return perm
+
+
+def ot_couple(x0: Tensor, x1: Tensor, y: Tensor | None = None) -> Tensor:
+    """Minibatch optimal transport (OT-CFM, Tong et al. 2023): x0 reordered so that x0[i] is x1[i]'s partner in
+    the pairing of least total squared distance, so that paths cross less. With labels y, within each class:
+    pairing across classes would teach a class-conditional model to carry one class's noise to another's data
+    (TorchCFM #117; C2OT). The noises keep their N(0, I) marginal: each is used once."""
+    cost = torch.cdist(x1.flatten(1).float(), x0.flatten(1).float()) ** 2  # (B, B)
+    index = torch.arange(len(x1), device=x1.device)
+    groups = [index] if y is None else [index[y == c] for c in y.unique()]
+    partner = torch.empty_like(index)
+    for g in groups:
+        partner[g] = g[assignment(cost[g][:, g].tolist())]
+    return x0[partner]
+
+
+def reflow(teacher: nn.Module, cfg: CFG, n_pairs: int, model: nn.Module | None = None) -> nn.Module:
+    """Rectified flow's reflow (Liu et al. 2022): n_pairs noises x0 and where the teacher carries them, x1 (RK4,
+    cfg.sample_steps even steps; a conditional teacher: balanced labels, guided by cfg.guidance), become the
+    straight paths that fit() trains a new model on (by default from the teacher's weights). The teacher's flow
+    never crosses itself, so these pairs do not cross either, and the new flow is straighter."""
+    x0 = noise(replace(cfg, seed=cfg.seed + 1), n_pairs)  # not the noise generate() draws from cfg.seed
+    labels = torch.arange(n_pairs) % cfg.num_classes if cfg.num_classes else torch.zeros(n_pairs, dtype=torch.long)
+    with torch.inference_mode():
+        x1 = torch.cat([integrate(guided(teacher, y.to(device_of(teacher)) if cfg.num_classes else None, cfg),
+                                  on_device(x, teacher), cfg.sample_steps, "rk4").float().cpu()
+                        for x, y in zip(x0.split(CHUNK), labels.split(CHUNK))])
+    if model is None:
+        model = copy.deepcopy(teacher).train().requires_grad_(True)
+    return fit(cfg, TensorDataset(x1, labels, x0), model)
 
 
 # ----------------------------------------------------------------------------- The flow is a CNF: inversion, likelihood
@@ -527,7 +600,7 @@ RECIPES = {"post": dict(arch="post", batch_size=256, lr=2e-4, schedule="constant
 # ============================================================================= Plumbing
 import argparse
 import contextlib
-import copy
+import io
 import os
 import re
 import shlex
@@ -538,10 +611,9 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields
 from pathlib import Path
 
-from torch.utils.data import TensorDataset
 from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.datasets.utils import extract_archive
 from torchvision.utils import make_grid, save_image
@@ -557,14 +629,14 @@ class TrainingRun:
         validate(cfg)
         self.cfg, self.device = cfg, pick_device(cfg.device)
         self.path = writable_dir(cfg.out_dir) / "checkpoint.pt"  # fail now, not after an hour of training
-        xs, ys = as_tensors(load_dataset(cfg.dataset, cfg.data_dir) if dataset is None else dataset, cfg)
-        self.xs, self.ys = xs.to(self.device), ys.to(self.device)  # indexed on the device, no per-item collation
+        data = as_tensors(load_dataset(cfg.dataset, cfg.data_dir) if dataset is None else dataset, cfg)
+        self.data = [d.to(self.device) for d in data]  # x, labels (and x0): indexed on the device, not collated
         torch.manual_seed(cfg.seed)
         self.model = place(build_model(cfg) if model is None else model, self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr)
         self.bf16 = use_bf16(cfg.precision, *hardware(self.device))
-        self.steps_per_epoch = math.ceil(len(xs) / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(len(self.data[0]) / cfg.batch_size)
         total = cfg.epochs * self.steps_per_epoch
         self.last = min(total, cfg.max_steps) if cfg.max_steps else total  # the schedule ends here
         self.step = restore(resume, self.model, self.ema, self.opt, cfg, self.device) if resume else 0
@@ -581,14 +653,16 @@ class TrainingRun:
         self._stack.close()
 
     def batches(self):
-        """(x1, y) batches until step `last`; each epoch's order depends only on (seed, epoch), so a resumed
-        run skips the batches already seen and sees exactly those an uninterrupted run would."""
-        n, size = len(self.xs), self.cfg.batch_size
+        """(x1, y, x0) batches until step `last`, x0 None unless the data holds pairs; each epoch's order depends
+        only on (seed, epoch), so a resumed run skips the batches already seen and sees exactly those an
+        uninterrupted run would."""
+        n, size = len(self.data[0]), self.cfg.batch_size
         while self.step < self.last:
             epoch, done = divmod(self.step, self.steps_per_epoch)
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch)).to(self.device)
             for i in range(done * size, n, size):
-                yield on_device(self.xs[order[i:i + size]], self.model), self.ys[order[i:i + size]]
+                x1, y, *x0 = (d[order[i:i + size]] for d in self.data)
+                yield on_device(x1, self.model), y, on_device(x0[0], self.model) if x0 else None
                 if self.step == self.last:
                     break
             self.save()  # every epoch, and at the end
@@ -627,17 +701,17 @@ class TrainingRun:
         return (self.ema if self.cfg.ema > 0 else self.model).eval()
 
 
-def as_tensors(dataset, cfg: CFG) -> tuple[Tensor, Tensor]:
-    """A dataset of (x, label) pairs as two tensors, x (N, *cfg.data_shape) and labels (N,)."""
-    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
-        xs, ys = dataset.tensors
+def as_tensors(dataset, cfg: CFG) -> tuple[Tensor, ...]:
+    """A dataset of (x, label) pairs, or (x, label, x0) triples, as tensors: x (N, *cfg.data_shape), labels (N,)
+    and x0 like x."""
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) in (2, 3):
+        data = dataset.tensors
     else:
-        xs = torch.stack([torch.as_tensor(x) for x, _ in dataset])
-        ys = torch.as_tensor([y for _, y in dataset])
-    if tuple(xs.shape[1:]) != tuple(cfg.data_shape):
-        raise UserError(f"the data's examples have shape {tuple(xs.shape[1:])}, but cfg.data_shape is "
-                        f"{tuple(cfg.data_shape)}: set CFG(data_shape={tuple(xs.shape[1:])})")
-    return xs, ys
+        data = [torch.stack([torch.as_tensor(x) for x, *_ in dataset]), torch.as_tensor([y for _, y, *_ in dataset])]
+    if tuple(data[0].shape[1:]) != tuple(cfg.data_shape):
+        raise UserError(f"the data's examples have shape {tuple(data[0].shape[1:])}, but cfg.data_shape is "
+                        f"{tuple(cfg.data_shape)}: set CFG(data_shape={tuple(data[0].shape[1:])})")
+    return tuple(data)
 
 
 def build_model(cfg: CFG) -> nn.Module:
@@ -718,7 +792,9 @@ def validate(cfg: CFG) -> None:
               ("num_workers", cfg.num_workers >= 0, "must be 0 or more"),
               ("num_classes", cfg.num_classes >= 0, "must be 0 (unconditional) or more"),
               ("label_drop", 0 <= cfg.label_drop <= 1, "must be in [0, 1]"),
-              ("guidance", math.isfinite(cfg.guidance), "must be a finite number")]
+              ("guidance", math.isfinite(cfg.guidance), "must be a finite number"),
+              ("batch_size", cfg.coupling != "ot" or cfg.batch_size <= 128, "must be 128 or less with --coupling ot, "
+               "whose assignment solver takes O(batch^3) steps of Python")]
     checks += [(name, getattr(cfg, name) in choices, f"choose from {', '.join(choices)}")
                for name, choices in CHOICES.items()]
     for name, ok, why in checks:
@@ -730,8 +806,8 @@ def validate(cfg: CFG) -> None:
 
 # ----------------------------------------------------------------------------- Data
 DATASETS = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}
-CHOICES = {"solver": SOLVERS, "t_dist": T_DISTS, "arch": ARCHS, "dataset": DATASETS,
-           "schedule": ("cosine", "constant"), "precision": ("auto", "fp32", "bf16")}
+CHOICES = {"solver": SOLVERS, "t_dist": T_DISTS, "arch": ARCHS, "dataset": DATASETS, "schedule": ("cosine", "constant"),
+           "precision": ("auto", "fp32", "bf16"), "coupling": ("independent", "ot")}
 
 
 def load_dataset(name: str, data_dir: str, train: bool = True) -> TensorDataset:
@@ -863,6 +939,63 @@ def save_probability_path(path: Path, height: int = 240, width: int = 480, lines
     for j, x in enumerate(traj):
         img[:, ((3 - x[:, 0]) / 6 * (height - 1)).round().long().clamp(0, height - 1), j] = 1.0
     atomic_save(path, lambda f: save_image(img, f, format="png"))
+
+
+class MLP(nn.Module):
+    """A field for points in d dimensions, v(x (B, d), t (B,)) -> (B, d): the 2-D toy's network."""
+
+    def __init__(self, d: int = 2, width: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d + 1, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
+                                 nn.Linear(width, d))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.net(torch.cat([x, t[:, None]], 1))
+
+
+def two_blobs(n: int, seed: int = 0) -> TensorDataset:
+    """The README's 2-D toy: 1/3 of the points around (-2, 0), 2/3 around (2, 0), standard deviation 0.3."""
+    g = torch.Generator().manual_seed(seed)
+    right = torch.rand(n, generator=g) < 2 / 3
+    x = torch.randn(n, 2, generator=g) * 0.3 + torch.where(right, 2.0, -2.0)[:, None] * torch.tensor([1.0, 0.0])
+    return TensorDataset(x, right.long())
+
+
+def straight_paths_2d(n: int = 4000, seed: int = 0) -> dict:
+    """The 2-D toy trained three ways, each by fit() with one MLP recipe: independent coupling (the post's), OT
+    coupling, and one reflow of the first on n pairs. Returns {name: model}."""
+    cfg = CFG(data_shape=(2,), epochs=20, lr=3e-3, ema=0.0, device="cpu", seed=seed)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        cfg, data = replace(cfg, out_dir=tmp), two_blobs(n, seed)
+        independent = fit(cfg, data, MLP())
+        models = {"independent": independent, "OT coupling": fit(replace(cfg, coupling="ot"), data, MLP()),
+                  "one reflow": reflow(independent, replace(cfg, sample_steps=50), n)}
+    return models
+
+
+def save_straight_paths(models: dict, path: Path, n_paths: int = 32, size: int = 240) -> dict:
+    """One panel per model of points in 2-D: the same n_paths noises (green) carried by the model's flow (RK4 x 50,
+    white) to their ends (red), x from -4 to 4 and y from -4 to 4. Returns each model's one-step error: how far one
+    Euler step from the noise lands from the flow's end, over the distance travelled."""
+    x0 = torch.randn(n_paths, 2, generator=torch.Generator().manual_seed(1))
+    panels, misses = [], {}
+    for name, model in models.items():
+        with torch.inference_mode():
+            states = []
+            x1 = integrate(model, x0, 50, "rk4", path=states)
+            misses[name] = ((x0 + model(x0, torch.zeros(n_paths)) - x1).norm(dim=1) / (x1 - x0).norm(dim=1)).mean().item()
+        img = torch.zeros(3, size, size)
+        dense = torch.stack(states)  # (51, n_paths, 2), each path drawn dot by dot, 8 dots a step
+        dense = torch.cat([torch.lerp(dense[:-1], dense[1:], w) for w in torch.linspace(0, 1, 8)[:, None, None, None]], 1)
+        dot = torch.tensor([[i, j] for i in (-1, 0, 1) for j in (-1, 0, 1)]) * 8 / size  # 3 x 3 pixels
+        ends = [((x[:, None] + dot).reshape(-1, 2), colour) for x, colour in ((x0, [0.2, 1, 0.2]), (x1, [1, 0.3, 0.3]))]
+        for points, colour in [(dense.reshape(-1, 2), [1.0, 1.0, 1.0])] + ends:
+            px = ((points + 4) / 8 * (size - 1)).round().long().clamp(0, size - 1)
+            img[:, size - 1 - px[:, 1], px[:, 0]] = torch.tensor(colour)[:, None]
+        panels.append(img)
+    atomic_save(path, lambda f: save_image(make_grid(panels, nrow=len(panels), padding=4, pad_value=0.5), f,
+                                           format="png"))
+    return misses
 
 
 # ----------------------------------------------------------------------------- Checkpoints
@@ -1032,7 +1165,7 @@ GROUPS = {  # --help's groups, in order; the flags of each, by CFG field or by n
     "the post's settings": ["batch_size", "lr", "epochs", "sigma_min", "sample_steps", "solver", "n_samples",
                             "num_workers", "seed"],
     "beyond the post: network, recipe, guidance": ["arch", "t_dist", "schedule", "ema", "time_shift", "precision",
-                                                   "num_classes", "label_drop", "guidance"],
+                                                   "num_classes", "label_drop", "guidance", "coupling"],
     "data": ["dataset", "data_dir"],
 }
 SAMPLING = {"device", "sample_steps", "solver", "n_samples", "out_dir", "time_shift", "guidance", "seed",
@@ -1060,8 +1193,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--checkpoint", metavar="PATH", help="to resume or sample from [default: OUT_DIR/checkpoint.pt]")
     run.add_argument("--labels", metavar="Y,Y,...", help="draw these classes (a model trained with --num-classes)")
     run.add_argument("--figures", action="store_true", help="also save interpolation, straightness, probability "
-                     "path and (conditional models) guidance figures")
+                     "path, 2-D straight paths and (conditional models) guidance figures")
     run.add_argument("--nll", type=int, metavar="N", help="also print the bits/dim of N test images (RK4)")
+    run.add_argument("--reflow", type=int, metavar="N", help="train a straighter model on N noise-to-sample pairs "
+                     "of the --checkpoint model, --epochs passes over them")
     cfg_fields = {f.name: f for f in fields(CFG)}
     groups = {"running it": ["max_steps", "out_dir", "device", "checkpoint_every"], **GROUPS}
     for title, names in groups.items():
@@ -1090,8 +1225,20 @@ def parse_labels(text: str, cfg: CFG) -> Tensor:
 def main(argv=None) -> None:
     args = vars(parse_args(argv))
     recipe, resume, sample_only = args.pop("recipe", None), args.pop("resume", False), args.pop("sample_only", False)
-    ckpt_path, labels, nll, figures = (args.pop(k, None) for k in ("checkpoint", "labels", "nll", "figures"))
-    ckpt_path = ckpt_path or str(Path(args.get("out_dir", CFG.out_dir), "checkpoint.pt"))
+    ckpt_path, labels, nll, figures, pairs = (args.pop(k, None) for k in ("checkpoint", "labels", "nll", "figures",
+                                                                          "reflow"))
+    out_ckpt = str(Path(args.get("out_dir", CFG.out_dir), "checkpoint.pt"))
+    if pairs is not None:
+        if pairs <= 0:
+            raise UserError(f"--reflow {pairs}: must be greater than 0 (noise-to-sample pairs)")
+        if not ckpt_path:
+            raise UserError("--reflow needs --checkpoint TEACHER, the trained model whose flow it straightens")
+        if resume or sample_only or recipe:
+            raise UserError(f"--reflow trains a new model from its teacher's settings: drop --"
+                            f"{'resume' if resume else 'sample-only' if sample_only else 'recipe'}")
+        if Path(ckpt_path).resolve() == Path(out_ckpt).resolve():
+            raise UserError(f"--reflow would overwrite its teacher {ckpt_path}: choose another --out-dir")
+    ckpt_path = ckpt_path or out_ckpt
     if resume and sample_only:
         raise UserError("--resume trains and --sample-only does not: choose one")
     if recipe and (resume or sample_only):
@@ -1103,7 +1250,7 @@ def main(argv=None) -> None:
                         f"the checkpoint's")
     if nll is not None and nll <= 0:
         raise UserError(f"--nll {nll}: must be greater than 0")
-    if resume or sample_only:
+    if resume or sample_only or pairs:
         ckpt = load_checkpoint(ckpt_path)
         cfg = CFG(**{**ckpt["cfg"], **args})  # the checkpoint's config, then the flags typed now
     else:
@@ -1116,6 +1263,9 @@ def main(argv=None) -> None:
     t0 = time.monotonic()
     if sample_only:
         model = load_model(ckpt, cfg)
+    elif pairs:
+        print(f"reflow: {pairs} pairs from {ckpt_path}, then training on them, writing to {out}/")
+        model = reflow(load_model(ckpt, cfg), cfg, pairs)
     else:
         print(f"training {cfg.arch} on {cfg.dataset} ({pick_device(cfg.device)}), writing to {out}/")
         model = fit(cfg, resume=ckpt)
@@ -1128,12 +1278,17 @@ def main(argv=None) -> None:
         save_interpolations(model, cfg, out / "interpolation.png", test)
         s = save_straightness(model, cfg, out / "straightness.png")
         save_probability_path(out / "probability_path.png")
-        written += ["interpolation.png", "straightness.png", "probability_path.png"]
+        misses = save_straight_paths(straight_paths_2d(), out / "straight_paths.png")
+        written += ["interpolation.png", "straightness.png", "probability_path.png", "straight_paths.png"]
+        if pairs:
+            save_straightness(load_model(ckpt, cfg), cfg, out / "straightness_teacher.png")
+            written.append("straightness_teacher.png")
         if cfg.num_classes:
             save_guidance(model, cfg, out / "guidance.png")
             written.append("guidance.png")
         print(f"straightness {s['straightness']:.3f} (0: straight lines); one Euler step misses the endpoint by "
-              f"{100 * s['one_euler_step_error']:.0f}% of the distance travelled")
+              f"{100 * s['one_euler_step_error']:.0f}% of the distance travelled. 2-D toy, one step's miss: "
+              + ", ".join(f"{name} {100 * miss:.0f}%" for name, miss in misses.items()))
     what = "sampled" if sample_only else "trained and sampled"
     print(f"{what} in {time.monotonic() - t0:.0f}s: {len(x)} images by {cfg.solver} x {cfg.sample_steps} -> "
           + ", ".join(str(out / w) for w in written))
