@@ -481,8 +481,9 @@ def ot_couple(x0: Tensor, x1: Tensor, y: Tensor | None = None) -> Tensor:
 def reflow(teacher: nn.Module, cfg: CFG, n_pairs: int, model: nn.Module | None = None) -> nn.Module:
     """Rectified flow's reflow (Liu et al. 2022): n_pairs noises x0 and where the teacher carries them, x1 (RK4,
     cfg.sample_steps even steps; a conditional teacher: balanced labels, guided by cfg.guidance), become the
-    straight paths that fit() trains a new model on (by default from the teacher's weights). The teacher's flow
-    never crosses itself, so these pairs do not cross either, and the new flow is straighter."""
+    straight paths that fit() trains a new model on (by default from the teacher's weights), with t ~ U[0, 1]:
+    sampling in a step or two asks for the field at t = 0, where the logit-normal t rarely trains. The teacher's
+    flow never crosses itself, so these pairs do not cross either, and the new flow is straighter."""
     x0 = noise(replace(cfg, seed=cfg.seed + 1), n_pairs)  # not the noise generate() draws from cfg.seed
     labels = torch.arange(n_pairs) % cfg.num_classes if cfg.num_classes else torch.zeros(n_pairs, dtype=torch.long)
     with torch.inference_mode():
@@ -491,7 +492,7 @@ def reflow(teacher: nn.Module, cfg: CFG, n_pairs: int, model: nn.Module | None =
                         for x, y in zip(x0.split(CHUNK), labels.split(CHUNK))])
     if model is None:
         model = copy.deepcopy(teacher).train().requires_grad_(True)
-    return fit(cfg, TensorDataset(x1, labels, x0), model)
+    return fit(replace(cfg, t_dist="uniform"), TensorDataset(x1, labels, x0), model)
 
 
 # ----------------------------------------------------------------------------- The flow is a CNF: inversion, likelihood
