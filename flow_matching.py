@@ -610,6 +610,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from dataclasses import asdict, fields
@@ -1169,6 +1170,7 @@ GROUPS = {  # --help's groups, in order; the flags of each, by CFG field or by n
                                                    "num_classes", "label_drop", "guidance", "coupling"],
     "data": ["dataset", "data_dir"],
 }
+METAVARS = {int: "N", float: "X", "out_dir": "DIR", "data_dir": "DIR", "device": "NAME", "time_shift": "SHIFT"}
 SAMPLING = {"device", "sample_steps", "solver", "n_samples", "out_dir", "time_shift", "guidance", "seed",
             "dataset", "data_dir"}  # the settings --sample-only uses; the others are the checkpoint's
 
@@ -1182,11 +1184,18 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help as written, with no flag name broken at its hyphen across two lines."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(text, width, break_on_hyphens=False)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Every CFG field but data_shape is a flag. Only the flags typed end up in the namespace, so that they
     override the recipe or the checkpoint's config as well as CFG's defaults."""
-    p = OneLineParser(description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
-                      argument_default=argparse.SUPPRESS, usage="python flow_matching.py [options]")
+    p = OneLineParser(description=DESCRIPTION, formatter_class=HelpFormatter, argument_default=argparse.SUPPRESS,
+                      usage="python flow_matching.py [options]")
     run = p.add_argument_group("running it")
     run.add_argument("--recipe", choices=list(RECIPES), help="start from the post's settings instead of the defaults")
     run.add_argument("--resume", action="store_true", help="continue training from --checkpoint")
@@ -1206,7 +1215,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             f = cfg_fields[name]
             choices = CHOICES.get(name)
             group.add_argument(f"--{flag(name)}", type=type(f.default), choices=choices and list(choices),
-                               metavar=None if choices else name.upper(),
+                               metavar=None if choices else METAVARS.get(name, METAVARS.get(type(f.default))),
                                help=f"{f.metadata['help']} [default: {f.default}]")
     return p.parse_args(argv)
 
