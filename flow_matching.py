@@ -696,6 +696,7 @@ class TrainingRun:
     def save(self) -> None:
         self.mean_loss()  # never save weights that a loss of inf or nan has reached
         state = checkpoint(self.cfg, self.model, self.ema, self.opt, self.step, self.device)
+        state["pairs"] = len(self.data) == 3  # reflow's: --resume cannot rebuild them
         atomic_save(self.path, lambda f: torch.save(state, f))
         self.saved_at = time.monotonic()
 
@@ -1155,7 +1156,7 @@ def quoted(path) -> str:
 
 # ----------------------------------------------------------------------------- The command line
 DESCRIPTION = """Train a flow-matching model on MNIST digits (or Fashion-MNIST clothes), then draw new ones from
-noise by solving an ODE. Writes OUT_DIR/samples.png, trajectory.png and checkpoint.pt.
+noise by solving an ODE. Writes samples.png, trajectory.png and checkpoint.pt to --out-dir (fm_out).
 
   python flow_matching.py                        train (4 epochs), then sample 64 digits
   python flow_matching.py --max-steps 300        a trial run of a minute or two
@@ -1200,7 +1201,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--recipe", choices=list(RECIPES), help="start from the post's settings instead of the defaults")
     run.add_argument("--resume", action="store_true", help="continue training from --checkpoint")
     run.add_argument("--sample-only", action="store_true", help="sample from --checkpoint without training")
-    run.add_argument("--checkpoint", metavar="PATH", help="to resume or sample from [default: OUT_DIR/checkpoint.pt]")
+    run.add_argument("--checkpoint", metavar="PATH", help="to resume or sample from [default: checkpoint.pt in --out-dir]")
     run.add_argument("--labels", metavar="Y,Y,...", help="draw these classes (a model trained with --num-classes)")
     run.add_argument("--figures", action="store_true", help="also save interpolation, straightness, probability "
                      "path, 2-D straight paths and (conditional models) guidance figures")
@@ -1262,6 +1263,8 @@ def main(argv=None) -> None:
         raise UserError(f"--nll {nll}: must be greater than 0")
     if resume or sample_only or pairs:
         ckpt = load_checkpoint(ckpt_path)
+        if resume and ckpt.get("pairs"):
+            raise UserError(f"--resume: {ckpt_path} trained on reflow pairs, which it does not hold; run --reflow again")
         cfg = CFG(**{**ckpt["cfg"], **args})  # the checkpoint's config, then the flags typed now
     else:
         ckpt, cfg = None, CFG(**{**RECIPES.get(recipe, {}), **args})
