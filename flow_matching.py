@@ -1,6 +1,6 @@
 """
 Conditional Flow Matching on MNIST in one file: the code of the blog post "Sailing the Seas of Flow Matching",
-in the post's order and with its names, its bugs fixed (README.md: Errata), then what a reference adds.
+in the post's order and with its names, its bugs fixed (docs/errata.md), then what a reference adds.
 
     python flow_matching.py                  # train on MNIST, sample, save fm_out/samples.png
     python flow_matching.py --max-steps 300  # a trial run of a minute or two
@@ -36,7 +36,7 @@ class CFG:
     lr: float = arg(2e-3, "AdamW learning rate; the schedule's peak (post: 2e-4)")
     epochs: int = arg(4, "passes over the training set (post: 5)")
     num_workers: int = arg(0, "DataLoader worker processes of train(), the post's loop (post: 2, never passed on)")
-    # Flow matching params (the post's t_eps was never used, and is not needed: README, erratum 3)
+    # Flow matching params (the post's t_eps was never used, and is not needed: erratum 3)
     sigma_min: float = arg(1e-2, "endpoint noise: the path ends at x1 + sigma_min x0; in [0, 1)")
     # Sampling params
     sample_steps: int = arg(20, "ODE solver steps from t=0 to t=1 (post: 50)")
@@ -266,7 +266,7 @@ class ResBlock(nn.Module):
 
 class UNet(nn.Module):
     """The default navigator (--arch unet). The post's three convolutions see a 7x7 window: strokes, not
-    digits (erratum 9). This U-Net sees the whole digit at 7x7 and spends its compute at 14x14 and 7x7,
+    digits (erratum 10). This U-Net sees the whole digit at 7x7 and spends its compute at 14x14 and 7x7,
     with one convolution at 28x28 each way; the 28x28 skip is added, not concatenated, to halve the last one."""
 
     def __init__(self, widths: tuple[int, int, int] = (32, 64, 128), tdim: int = 128, num_classes: int = 0):
@@ -829,7 +829,7 @@ def load_dataset(name: str, data_dir: str, train: bool = True) -> TensorDataset:
         raise UserError(f"could not read the {name} idx files in {data_dir} (truncated or corrupt? "
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); replace them") from e
     # The post's transform, x * 2 - 1, once for the whole uint8 tensor: torchvision's per-image PIL
-    # decoding would cost half of a training step (erratum 7).
+    # decoding would cost half of a training step (erratum 6).
     return TensorDataset(images.unsqueeze(1).float() / 127.5 - 1, labels)
 
 
