@@ -312,7 +312,7 @@ def learning_rate(cfg: CFG, step: int, total: int) -> float:
         return cfg.lr
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+    progress = min(1.0, (step - warmup) / (total - 1 - warmup)) if total - 1 > warmup else 1.0
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
@@ -721,12 +721,7 @@ def build_model(cfg: CFG) -> nn.Module:
     if tuple(cfg.data_shape) != (1, 28, 28):
         raise UserError(f"--arch {cfg.arch} draws (1, 28, 28) images, not {tuple(cfg.data_shape)}: pass "
                         f"fit() a model for your data")
-    if cfg.arch == "post":
-        if cfg.num_classes:
-            raise UserError("--arch post is the post's network, which takes no labels: use --arch unet with "
-                            "--num-classes")
-        return VelocityNet()
-    return ARCHS[cfg.arch](num_classes=cfg.num_classes)
+    return VelocityNet() if cfg.arch == "post" else ARCHS[cfg.arch](num_classes=cfg.num_classes)  # validate(): no labels
 
 
 def place(model: nn.Module, device: torch.device) -> nn.Module:
@@ -796,6 +791,8 @@ def validate(cfg: CFG) -> None:
               ("num_classes", cfg.num_classes >= 0, "must be 0 (unconditional) or more"),
               ("label_drop", 0 <= cfg.label_drop <= 1, "must be in [0, 1]"),
               ("guidance", math.isfinite(cfg.guidance), "must be a finite number"),
+              ("num_classes", cfg.arch != "post" or not cfg.num_classes, "--arch post is the post's network, which "
+               "takes no labels: use --arch unet"),
               ("batch_size", cfg.coupling != "ot" or cfg.batch_size <= 128, "must be 128 or less with --coupling ot, "
                "whose assignment solver takes O(batch^3) steps of Python")]
     checks += [(name, getattr(cfg, name) in choices, f"choose from {', '.join(choices)}")
@@ -850,7 +847,7 @@ def download(cls, name: str, data_dir: str, train: bool) -> tuple[Tensor, Tensor
     try:
         data = cls(data_dir, train=train, download=True)
     except (OSError, RuntimeError, ValueError) as e:
-        if not existed:
+        if not existed and new_root.parent != new_root:  # never a drive's root
             shutil.rmtree(new_root, ignore_errors=True)
         raise UserError(f"no {name} in {data_dir} and the download failed; offline, put its idx files "
                         f"(train-images-idx3-ubyte and the others, .gz or not) in {data_dir} and run again (for "

@@ -16,6 +16,7 @@ there is one, else the CPU.
 """
 import ast
 import contextlib
+import itertools
 import gzip
 import math
 import os
@@ -1150,8 +1151,147 @@ def test_slerp_moves_along_the_great_circle(seed, alpha):
     assert math.acos(max(-1.0, min(1.0, (c @ a / a.norm() ** 2).item()))) == pytest.approx(alpha * math.pi / 2, abs=1e-6)
 
 
+# ------------------------------------------------------------------ 12. Straight paths: OT coupling and reflow
+@given(n=st.integers(1, 6), seed=st.integers(0, 2 ** 16))
+def test_assignment_finds_the_cheapest_pairing(n, seed):
+    """assignment(cost) is a permutation whose total cost is the least over all n! pairings (brute force)."""
+    cost = torch.rand(n, n, generator=torch.Generator().manual_seed(seed)).tolist()
+    perm = fm.assignment(cost)
+    best = min(sum(cost[i][p[i]] for i in range(n)) for p in itertools.permutations(range(n)))
+    assert sorted(perm) == list(range(n))
+    assert sum(cost[i][perm[i]] for i in range(n)) == pytest.approx(best, abs=1e-9)
+
+
+@given(n=st.integers(2, 48), scale=st.floats(0.2, 3.0), shift=st.floats(-2, 2), seed=st.integers(0, 2 ** 16))
+def test_ot_coupling_in_one_dimension_pairs_sorted_noise_with_sorted_data(n, scale, shift, seed):
+    """In 1-D the squared-distance OT plan is monotone: the k-th smallest noise goes to the k-th smallest data
+    point, so the coupling's cost is that sorted pairing's (an exact oracle independent of the solver)."""
+    g = torch.Generator().manual_seed(seed)
+    x0, x1 = torch.randn(n, 1, generator=g), torch.randn(n, 1, generator=g) * scale + shift
+    partner = fm.ot_couple(x0, x1)
+    assert torch.equal(partner[:, 0].sort().values, x0[:, 0].sort().values)  # each noise used once
+    sorted_cost = ((x1[:, 0].sort().values - x0[:, 0].sort().values) ** 2).sum()
+    assert ((x1 - partner) ** 2).sum().item() == pytest.approx(sorted_cost.item(), rel=1e-5, abs=1e-6)
+    assert torch.equal(torch.argsort(x1[:, 0]), torch.argsort(partner[:, 0]))
+
+
+@given(seed=st.integers(0, 2 ** 16))
+def test_ot_coupling_with_labels_pairs_within_each_class_and_optimally(seed):
+    """With labels, a data point's noise comes from its own class's share of the batch, and each class's pairing
+    is the cheapest one for that class (checked by brute force on classes of at most 5)."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (12,), generator=g)
+    x0, x1 = torch.randn(12, 2, generator=g), torch.randn(12, 2, generator=g) + y[:, None].float() * 3
+    partner = fm.ot_couple(x0, x1, y)
+    for c in y.unique():
+        idx = (y == c).nonzero()[:, 0]
+        mine, theirs = x0[idx], partner[idx]
+        assert torch.equal(mine[mine[:, 0].argsort()], theirs[theirs[:, 0].argsort()])  # the class's own noises
+        if len(idx) <= 5:
+            cost = lambda p: ((x1[idx] - mine[list(p)]) ** 2).sum().item()
+            best = min(cost(p) for p in itertools.permutations(range(len(idx))))
+            assert ((x1[idx] - theirs) ** 2).sum().item() == pytest.approx(best, rel=1e-5)
+
+
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_fit_couples_each_batch_when_asked(num_classes, tmp_path, monkeypatch):
+    """fit(coupling="ot") trains on ot_couple's reordering of fresh noise, with the batch's true labels for a
+    conditional model (before label drop), and never calls it for independent coupling."""
+    calls = []
+    real = fm.ot_couple
+    monkeypatch.setattr(fm, "ot_couple", lambda x0, x1, y=None: calls.append((x0.shape, y)) or real(x0, x1, y))
+    data = torch.utils.data.TensorDataset(torch.randn(40, 2), torch.arange(40) % 3)
+
+    class Field(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x, t, y=None):
+            return self.lin(torch.cat([x, t[:, None]], 1))
+
+    for coupling in ("independent", "ot"):
+        cfg = fm.CFG(data_shape=(2,), batch_size=8, epochs=1, device="cpu", out_dir=str(tmp_path), coupling=coupling,
+                     num_classes=num_classes, label_drop=1.0)
+        fm.fit(cfg, data, Field())
+    assert len(calls) == 5  # one per batch, only for "ot"
+    assert all(shape == (8, 2) for shape, _ in calls)
+    assert all((y is None) == (num_classes == 0) for _, y in calls)
+    if num_classes:  # true labels even though label_drop = 1 replaced every training label by the null label
+        assert all(bool((y < 3).all()) for _, y in calls)
+
+
+def gaussian_teacher(mu, s, sigma_min):
+    """A teacher whose field is the exact marginal field of N(mu, s^2 I) data (gaussian_field); its flow is affine,
+    x1 = mu + sqrt(sigma_min^2 + s^2) x0 (gaussian_flow at t = 1)."""
+    class Teacher(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.anchor = nn.Parameter(torch.zeros(()))  # gives the field a device
+
+        def forward(self, x, t, y=None):
+            return gaussian_field(x, t, mu, s, sigma_min)
+    return Teacher()
+
+
+@pytest.mark.parametrize("num_classes", [0, 4])
+def test_reflow_pairs_noise_with_where_the_teachers_flow_carries_it(num_classes, monkeypatch):
+    """reflow() hands fit() n pairs (x1, label, x0): x0 fresh N(0, I) noise, not generate()'s, and x1 the
+    teacher's exact flow of it (here affine: mu + sqrt(sigma_min^2 + s^2) x0); a conditional teacher's labels are
+    balanced, 0, 1, ..., and ride along with their pairs."""
+    mu, s, sigma_min, n = 1.5, 0.4, 0.05, 300
+    seen = {}
+    monkeypatch.setattr(fm, "fit", lambda cfg, dataset, model=None: seen.update(data=dataset.tensors, cfg=cfg) or model)
+    teacher = gaussian_teacher(mu, s, sigma_min)  # takes labels and ignores them: every class the same Gaussian
+    cfg = fm.CFG(data_shape=(3,), sample_steps=20, device="cpu", num_classes=num_classes, sigma_min=sigma_min,
+                 guidance=2.0)
+    fm.reflow(teacher, cfg, n)
+    x1, labels, x0 = seen["data"]
+    assert x0.shape == x1.shape == (n, 3)
+    assert not torch.allclose(x0, fm.noise(cfg, n))
+    assert abs(x0.mean()) < 6 / math.sqrt(3 * n) and abs(x0.var() - 1) < 6 * math.sqrt(2 / (3 * n))
+    torch.testing.assert_close(x1, mu + math.sqrt(sigma_min ** 2 + s ** 2) * x0, atol=1e-4, rtol=1e-4)
+    expected = torch.arange(n) % num_classes if num_classes else torch.zeros(n, dtype=torch.long)
+    assert torch.equal(labels, expected)
+    assert seen["cfg"].t_dist == "uniform"  # one or two steps ask for the field at t = 0
+
+
+def test_one_reflow_straightens_the_flow_of_gaussian_data(tmp_path):
+    """Gaussian data's teacher flow is affine but not straight in t: one Euler step from x0 lands at mu + sigma_min x0
+    instead of mu + sqrt(sigma_min^2 + s^2) x0. Its reflow is trained on straight lines that do not cross, so one
+    Euler step of the reflowed model lands where the teacher's ODE does, up to training error."""
+    torch.manual_seed(0)
+    mu, s, sigma_min = 2.0, 0.3, 0.01
+    teacher = gaussian_teacher(mu, s, sigma_min)
+    cfg = fm.CFG(data_shape=(1,), batch_size=64, epochs=60, lr=3e-3, ema=0.0, device="cpu", out_dir=str(tmp_path),
+                 sigma_min=sigma_min, sample_steps=20)
+    student = fm.reflow(teacher, cfg, 2000, fm.MLP(d=1, width=64))
+    x0 = torch.randn(500, 1, generator=torch.Generator().manual_seed(5))
+    end = mu + math.sqrt(sigma_min ** 2 + s ** 2) * x0
+    with torch.no_grad():
+        teacher_miss = (x0 + teacher(x0, torch.zeros(500)) - end).abs().mean()
+        student_miss = (x0 + student(x0, torch.zeros(500)) - end).abs().mean()
+    assert teacher_miss > 0.2  # the teacher's one step misses by 0.29 E|x0|
+    assert student_miss < teacher_miss / 6  # measured: 0.016 against 0.229
+
+
+def test_ot_coupling_and_reflow_straighten_the_two_blobs(tmp_path):
+    """The README's 2-D toy: one Euler step from the noise misses the flow's own RK4 end by more than the distance
+    travelled with independent coupling; OT coupling at least halves that miss and one reflow cuts it to a quarter
+    or less, while each keeps the blobs' weights (2/3 on the right)."""
+    torch.manual_seed(0)
+    models = fm.straight_paths_2d(n=2000)
+    misses = fm.save_straight_paths(models, tmp_path / "paths.png")
+    assert misses["independent"] > 0.6
+    assert misses["OT coupling"] < misses["independent"] / 2
+    assert misses["one reflow"] < misses["independent"] / 4
+    for model in models.values():
+        x = fm.sample(model, fm.CFG(data_shape=(2,), n_samples=3000, sample_steps=40, solver="rk4", device="cpu"))
+        assert abs((x[:, 0] > 0).float().mean().item() - 2 / 3) < 0.05
+
+
 # ================================================================== Plumbing
-# ------------------------------------------------------------------ 12. Data: torchvision's idx files
+# ------------------------------------------------------------------ 13. Data: torchvision's idx files
 def write_idx(folder: Path, n_train=12, n_test=5, gz=True, seed=0, truncate=False, splits=("train", "t10k")):
     """MNIST idx files (magic, sizes, big-endian), images and labels drawn from `seed`, for each split."""
     g = torch.Generator().manual_seed(seed)
@@ -1262,7 +1402,7 @@ def test_the_data_set_survives_worker_processes(tmp_path):
     assert type(model) is fm.VelocityNet
 
 
-# ------------------------------------------------------------------ 13. Devices: decisions and simulations
+# ------------------------------------------------------------------ 14. Devices: decisions and simulations
 @pytest.mark.parametrize("name, cuda_count, mps, message", [
     ("cuda:abc", 1, False, "choose from"), ("cuda:-1", 1, False, "choose from"), ("tpu", 1, True, "choose from"),
     ("cuda:7", 1, False, "has 1 CUDA GPU"), ("cuda:2", 2, False, "cuda:0 to cuda:1"),
@@ -1335,7 +1475,7 @@ def test_report_nll_asks_no_float64_of_the_accelerator(trained, idx_dir, device,
     assert "bits/dim of 3 mnist test images" in capsys.readouterr().out
 
 
-# ------------------------------------------------------------------ 14. Pictures: what each figure shows
+# ------------------------------------------------------------------ 15. Pictures: what each figure shows
 def png(path: Path) -> torch.Tensor:
     """A PNG as (C, H, W) floats in [0, 1]."""
     from PIL import Image
@@ -1420,7 +1560,7 @@ def test_guidance_figure_shows_each_scale_on_the_same_noise(tmp_path):
         assert all(close_to_pixels(tile(img, r, k), x0[k] + w * c[k]) for k in range(3)), w
 
 
-# ------------------------------------------------------------------ 15. Checkpoints, saves, Ctrl-C
+# ------------------------------------------------------------------ 16. Checkpoints, saves, Ctrl-C
 def test_a_crash_while_saving_keeps_the_previous_file(tmp_path):
     """atomic_save: a write that dies halfway leaves the old file whole and no temporary file behind."""
     path = tmp_path / "checkpoint.pt"
@@ -1546,7 +1686,7 @@ def test_sigint_flag_first_ctrl_c_asks_second_one_stops():
     assert signal.getsignal(signal.SIGINT) is before
 
 
-# ------------------------------------------------------------------ 16. The command line
+# ------------------------------------------------------------------ 17. The command line
 def run_cli(argv, capsys):
     """fm.cli in this process: (exit code, stdout, stderr). argparse's own exits count too."""
     try:
