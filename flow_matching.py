@@ -483,7 +483,7 @@ def reflow(teacher: nn.Module, cfg: CFG, n_pairs: int, model: nn.Module | None =
     cfg.sample_steps even steps; a conditional teacher: balanced labels, guided by cfg.guidance), become the
     straight paths that fit() trains a new model on (by default from the teacher's weights), with t ~ U[0, 1]:
     sampling in a step or two asks for the field at t = 0, where the logit-normal t rarely trains. The teacher's
-    flow never crosses itself, so these pairs do not cross either, and the new flow is straighter."""
+    flow never crosses itself, so these pairs cross far less than independent ones: the new flow is straighter."""
     x0 = noise(replace(cfg, seed=cfg.seed + 1), n_pairs)  # not the noise generate() draws from cfg.seed
     labels = torch.arange(n_pairs) % cfg.num_classes if cfg.num_classes else torch.zeros(n_pairs, dtype=torch.long)
     with torch.inference_mode():
