@@ -478,21 +478,28 @@ def ot_couple(x0: Tensor, x1: Tensor, y: Tensor | None = None) -> Tensor:
     return x0[partner]
 
 
-def reflow(teacher: nn.Module, cfg: CFG, n_pairs: int, model: nn.Module | None = None) -> nn.Module:
-    """Rectified flow's reflow (Liu et al. 2022): n_pairs noises x0 and where the teacher carries them, x1 (RK4,
-    cfg.sample_steps even steps; a conditional teacher: balanced labels, guided by cfg.guidance), become the
-    straight paths that fit() trains a new model on (by default from the teacher's weights), with t ~ U[0, 1]:
-    sampling in a step or two asks for the field at t = 0, where the logit-normal t rarely trains. The teacher's
-    flow never crosses itself, so these pairs cross far less than independent ones: the new flow is straighter."""
+def reflow_pairs(teacher: nn.Module, cfg: CFG, n_pairs: int) -> TensorDataset:
+    """Reflow's data: n_pairs noises x0 and where the teacher carries them, x1 (RK4, cfg.sample_steps even steps;
+    a conditional teacher: balanced labels, guided by cfg.guidance), as fit()'s (x1, label, x0) triples."""
     x0 = noise(replace(cfg, seed=cfg.seed + 1), n_pairs)  # not the noise generate() draws from cfg.seed
     labels = torch.arange(n_pairs) % cfg.num_classes if cfg.num_classes else torch.zeros(n_pairs, dtype=torch.long)
     with torch.inference_mode():
         x1 = torch.cat([integrate(guided(teacher, y.to(device_of(teacher)) if cfg.num_classes else None, cfg),
                                   on_device(x, teacher), cfg.sample_steps, "rk4").float().cpu()
                         for x, y in zip(x0.split(CHUNK), labels.split(CHUNK))])
+    return TensorDataset(x1, labels, x0)
+
+
+def reflow(teacher: nn.Module, cfg: CFG, n_pairs: int, model: nn.Module | None = None,
+           pairs: TensorDataset | None = None) -> nn.Module:
+    """Rectified flow's reflow (Liu et al. 2022): reflow_pairs(teacher, cfg, n_pairs), or the `pairs` it made
+    before, become the straight paths that fit() trains a new model on (by default from the teacher's weights),
+    with t ~ U[0, 1]: sampling in a step or two asks for the field at t = 0, where the logit-normal t rarely
+    trains. The teacher's flow never crosses itself, so these pairs cross far less than independent ones: the
+    new flow is straighter."""
     if model is None:
         model = copy.deepcopy(teacher).train().requires_grad_(True)
-    return fit(replace(cfg, t_dist="uniform"), TensorDataset(x1, labels, x0), model)
+    return fit(replace(cfg, t_dist="uniform"), reflow_pairs(teacher, cfg, n_pairs) if pairs is None else pairs, model)
 
 
 # ----------------------------------------------------------------------------- The flow is a CNF: inversion, likelihood
@@ -696,7 +703,7 @@ class TrainingRun:
     def save(self) -> None:
         self.mean_loss()  # never save weights that a loss of inf or nan has reached
         state = checkpoint(self.cfg, self.model, self.ema, self.opt, self.step, self.device)
-        state["pairs"] = len(self.data) == 3  # reflow's: --resume cannot rebuild them
+        state["pairs"] = len(self.data[0]) if len(self.data) == 3 else 0  # reflow's, kept beside it by main()
         atomic_save(self.path, lambda f: torch.save(state, f))
         self.saved_at = time.monotonic()
 
@@ -1034,6 +1041,23 @@ def load_checkpoint(path: str) -> dict:
     return ckpt | {"path": path, "cfg": cfg}
 
 
+PAIRS_FILE = "reflow_pairs.pt"  # beside the checkpoint of a --reflow run
+
+
+def load_pairs(ckpt: dict) -> TensorDataset:
+    """The pairs that the --reflow run of this checkpoint kept beside it, to resume its training on."""
+    path = Path(ckpt["path"]).with_name(PAIRS_FILE)
+    try:
+        pairs = TensorDataset(*torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as e:
+        raise UserError(f"--resume: {ckpt['path']} trained on reflow pairs, kept in {path}, which is missing or "
+                        f"unreadable ({type(e).__name__}); run --reflow again") from e
+    if len(pairs) != ckpt["pairs"]:
+        raise UserError(f"--resume: {path} holds {len(pairs)} pairs, but {ckpt['path']} trained on {ckpt['pairs']}; "
+                        f"run --reflow again")
+    return pairs
+
+
 def load_weights(model: nn.Module, state: dict, path: str, cfg: CFG) -> None:
     ours = model.state_dict()
     if state.keys() != ours.keys() or any(state[k].shape != v.shape for k, v in ours.items()):
@@ -1204,7 +1228,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "path, 2-D straight paths and (conditional models) guidance figures")
     run.add_argument("--nll", type=int, metavar="N", help="also print the bits/dim of N test images (RK4)")
     run.add_argument("--reflow", type=int, metavar="N", help="train a straighter model on N noise-to-sample pairs "
-                     "of the --checkpoint model, --epochs passes over them")
+                     "of the --checkpoint model, --epochs passes over them (kept in --out-dir for --resume)")
     cfg_fields = {f.name: f for f in fields(CFG)}
     groups = {"running it": ["max_steps", "out_dir", "device", "checkpoint_every"], **GROUPS}
     for title, names in groups.items():
@@ -1233,12 +1257,12 @@ def parse_labels(text: str, cfg: CFG) -> Tensor:
 def main(argv=None) -> None:
     args = vars(parse_args(argv))
     recipe, resume, sample_only = args.pop("recipe", None), args.pop("resume", False), args.pop("sample_only", False)
-    ckpt_path, labels, nll, figures, pairs = (args.pop(k, None) for k in ("checkpoint", "labels", "nll", "figures",
-                                                                          "reflow"))
+    ckpt_path, labels, nll, figures, n_pairs = (args.pop(k, None) for k in ("checkpoint", "labels", "nll", "figures",
+                                                                            "reflow"))
     out_ckpt = str(Path(args.get("out_dir", CFG.out_dir), "checkpoint.pt"))
-    if pairs is not None:
-        if pairs <= 0:
-            raise UserError(f"--reflow {pairs}: must be greater than 0 (noise-to-sample pairs)")
+    if n_pairs is not None:
+        if n_pairs <= 0:
+            raise UserError(f"--reflow {n_pairs}: must be greater than 0 (noise-to-sample pairs)")
         if not ckpt_path:
             raise UserError("--reflow needs --checkpoint TEACHER, the trained model whose flow it straightens")
         if resume or sample_only or recipe:
@@ -1258,10 +1282,8 @@ def main(argv=None) -> None:
                         f"the checkpoint's")
     if nll is not None and nll <= 0:
         raise UserError(f"--nll {nll}: must be greater than 0")
-    if resume or sample_only or pairs:
+    if resume or sample_only or n_pairs:
         ckpt = load_checkpoint(ckpt_path)
-        if resume and ckpt.get("pairs"):
-            raise UserError(f"--resume: {ckpt_path} trained on reflow pairs, which it does not hold; run --reflow again")
         cfg = CFG(**{**ckpt["cfg"], **args})  # the checkpoint's config, then the flags typed now
     else:
         ckpt, cfg = None, CFG(**{**RECIPES.get(recipe, {}), **args})
@@ -1273,16 +1295,20 @@ def main(argv=None) -> None:
     t0 = time.monotonic()
     if sample_only:
         model = load_model(ckpt, cfg)
-    elif pairs:
-        print(f"reflow: {pairs} pairs from {ckpt_path}, then training on them, writing to {out}/")
-        model = reflow(load_model(ckpt, cfg), cfg, pairs)
+    elif n_pairs:
+        print(f"reflow: {n_pairs} pairs from {ckpt_path}, then training on them, writing to {out}/")
+        teacher = load_model(ckpt, cfg)
+        pairs = reflow_pairs(teacher, cfg, n_pairs)
+        atomic_save(out / PAIRS_FILE, lambda f: torch.save(pairs.tensors, f))  # for --resume: costly to make again
+        model = reflow(teacher, cfg, n_pairs, pairs=pairs)
     else:
         print(f"training {cfg.arch} on {cfg.dataset} ({pick_device(cfg.device)}), writing to {out}/")
-        model = fit(cfg, resume=ckpt)
+        model = fit(cfg, load_pairs(ckpt) if resume and ckpt.get("pairs") else None, resume=ckpt)
     x = generate(model, cfg, labels)
     save_grid(x, out / "samples.png", nrow=8)
     save_trajectory(model, cfg, out / "trajectory.png", None if labels is None else labels.unique())
     written = ["samples.png", "trajectory.png"] + ([] if sample_only else ["checkpoint.pt"])
+    written += [PAIRS_FILE] if n_pairs else []
     if figures:
         test = load_dataset(cfg.dataset, cfg.data_dir, train=False).tensors[0]
         save_interpolations(model, cfg, out / "interpolation.png", test)
@@ -1290,7 +1316,7 @@ def main(argv=None) -> None:
         save_probability_path(out / "probability_path.png")
         misses = save_straight_paths(straight_paths_2d(), out / "straight_paths.png")
         written += ["interpolation.png", "straightness.png", "probability_path.png", "straight_paths.png"]
-        if pairs:
+        if n_pairs:
             save_straightness(load_model(ckpt, cfg), cfg, out / "straightness_teacher.png")
             written.append("straightness_teacher.png")
         if cfg.num_classes:

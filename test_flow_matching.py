@@ -1754,7 +1754,10 @@ BAD = [  # (flags, what the message must name)
     (["--resume", "--sample-only"], "choose one"), (["--resume", "--batch-size", "8"], "--batch-size"),
     (["--recipe", "post", "--resume"], "--recipe"), (["--sample-only", "--lr", "0.1"], "--lr"),
     (["--labels", "3"], "unconditional"), (["--num-classes", "10", "--labels", "3,x"], "3,x"),
-    (["--num-classes", "10", "--labels", "10"], "0 to 9"),
+    (["--num-classes", "10", "--labels", "10"], "0 to 9"), (["--coupling", "bogus"], "--coupling"),
+    (["--reflow", "0", "--checkpoint", "{tmp}/t.pt"], "--reflow 0"), (["--reflow", "8"], "--reflow needs --checkpoint"),
+    (["--reflow", "8", "--checkpoint", "{tmp}/t.pt", "--sample-only"], "--sample-only"),
+    (["--reflow", "8", "--checkpoint", "{tmp}/t.pt", "--resume"], "--resume"),
 ]
 
 
@@ -1895,6 +1898,30 @@ def test_ctrl_c_saves_and_prints_how_to_resume(idx_dir, tmp_path, capsys, monkey
         assert shlex.split(err.split("Resume with: ")[1])[-1] == str(path)
     code, _, err = run_cli(["--resume", "--checkpoint", str(path), "--max-steps", "4"], capsys)
     assert code == 0 and fm.load_checkpoint(str(path))["step"] == 4, err
+
+
+def test_an_interrupted_reflow_resumes_on_the_pairs_it_kept(trained, tmp_path, capsys):
+    """--reflow keeps its pairs beside its checkpoint (they cost up to an hour to make), so a reflow stopped by
+    Ctrl-C during step 3 resumes with --resume alone and ends with exactly the weights of an uninterrupted run."""
+    flags = ["--reflow", "16", "--checkpoint", str(trained), "--epochs", "2"]  # 2 steps of 8 pairs an epoch
+    code, out, err = run_cli(flags + ["--out-dir", str(tmp_path / "whole")], capsys)
+    assert code == 0 and fm.PAIRS_FILE in out, err
+    loss, calls = fm.flow_matching_loss, []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fm, "flow_matching_loss", lambda *a, **k: calls.append(1) or loss(*a, **k))
+        mp.setattr(fm, "sigint_flag", contextlib.contextmanager(lambda: (yield lambda: len(calls) >= 3)))
+        code, _, err = run_cli(flags + ["--out-dir", str(tmp_path / "cut")], capsys)
+    assert code == 130 and "interrupted at step 3" in err, err
+    cut = tmp_path / "cut" / "checkpoint.pt"
+    code, _, err = run_cli(["--resume", "--checkpoint", str(cut)], capsys)
+    assert code == 0, err
+    whole, resumed = fm.load_checkpoint(str(tmp_path / "whole" / "checkpoint.pt")), fm.load_checkpoint(str(cut))
+    assert whole["step"] == resumed["step"] == 4 and whole["pairs"] == resumed["pairs"] == 16
+    for name, p in whole["ema"].items():
+        assert torch.equal(p, resumed["ema"][name]), name
+    (tmp_path / "cut" / fm.PAIRS_FILE).unlink()
+    code, _, err = run_cli(["--resume", "--checkpoint", str(cut)], capsys)
+    assert code == 1 and fm.PAIRS_FILE in err and "--reflow" in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.fixture
