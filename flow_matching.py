@@ -556,8 +556,10 @@ def bits_per_dim(model: nn.Module, x: Tensor, cfg: CFG, seed: int = 0) -> Tensor
 
 
 def slerp(a: Tensor, b: Tensor, alpha: float) -> Tensor:
-    """Spherical interpolation between two noises: stays where N(0, I) has its mass (|x| ~ sqrt(d)),
-    where a straight line between them would pass through unusually small noise."""
+    """Spherical interpolation from a to b, along the arc instead of the chord: between two noises it stays where
+    N(0, I) has its mass (|x| ~ sqrt(d)), where the chord would pass through unusually small noise. Real images
+    that encode() carried back are smaller than such noise (docs/measurements.md): between those it keeps about
+    their own norm."""
     omega = torch.arccos(((a * b).sum() / (a.norm() * b.norm())).clamp(-1, 1))
     if omega < 1e-4:  # (nearly) the same direction: the straight line is the arc
         return (1 - alpha) * a + alpha * b
