@@ -1304,8 +1304,10 @@ def main(argv=None) -> None:
         atomic_save(out / PAIRS_FILE, lambda f: torch.save(pairs.tensors, f))  # for --resume: costly to make again
         model = reflow(teacher, cfg, n_pairs, pairs=pairs)
     else:
-        print(f"training {cfg.arch} on {cfg.dataset} ({pick_device(cfg.device)}), writing to {out}/")
-        model = fit(cfg, load_pairs(ckpt) if resume and ckpt.get("pairs") else None, resume=ckpt)
+        pairs = load_pairs(ckpt) if resume and ckpt.get("pairs") else None  # a reflow's
+        data = cfg.dataset if pairs is None else f"{len(pairs)} reflow pairs"
+        print(f"training {cfg.arch} on {data} ({pick_device(cfg.device)}), writing to {out}/")
+        model = fit(cfg, pairs, resume=ckpt)
     x = generate(model, cfg, labels)
     save_grid(x, out / "samples.png", nrow=8)
     save_trajectory(model, cfg, out / "trajectory.png", None if labels is None else labels.unique())

@@ -1913,8 +1913,8 @@ def test_an_interrupted_reflow_resumes_on_the_pairs_it_kept(trained, tmp_path, c
         code, _, err = run_cli(flags + ["--out-dir", str(tmp_path / "cut")], capsys)
     assert code == 130 and "interrupted at step 3" in err, err
     cut = tmp_path / "cut" / "checkpoint.pt"
-    code, _, err = run_cli(["--resume", "--checkpoint", str(cut)], capsys)
-    assert code == 0, err
+    code, out, err = run_cli(["--resume", "--checkpoint", str(cut)], capsys)
+    assert code == 0 and "on 16 reflow pairs" in out, err
     whole, resumed = fm.load_checkpoint(str(tmp_path / "whole" / "checkpoint.pt")), fm.load_checkpoint(str(cut))
     assert whole["step"] == resumed["step"] == 4 and whole["pairs"] == resumed["pairs"] == 16
     for name, p in whole["ema"].items():
