@@ -493,7 +493,7 @@ def reflow_pairs(teacher: nn.Module, cfg: CFG, n_pairs: int) -> TensorDataset:
 def reflow(teacher: nn.Module, cfg: CFG, n_pairs: int, model: nn.Module | None = None,
            pairs: TensorDataset | None = None) -> nn.Module:
     """Rectified flow's reflow (Liu et al. 2022): reflow_pairs(teacher, cfg, n_pairs), or the `pairs` it made
-    before, become the straight paths that fit() trains a new model on (by default from the teacher's weights),
+    before (n_pairs then unused), become the straight paths that fit() trains a new model on (by default from the teacher's weights),
     with t ~ U[0, 1]: sampling in a step or two asks for the field at t = 0, where the logit-normal t rarely
     trains. The teacher's flow never crosses itself, so these pairs cross far less than independent ones: the
     new flow is straighter."""
@@ -642,6 +642,7 @@ class TrainingRun:
         self.path = writable_dir(cfg.out_dir) / "checkpoint.pt"  # fail now, not after an hour of training
         data = as_tensors(load_dataset(cfg.dataset, cfg.data_dir) if dataset is None else dataset, cfg)
         self.data = [d.to(self.device) for d in data]  # x, labels (and x0): indexed on the device, not collated
+        self.pairs = pairs_id(data[0]) if len(data) == 3 else 0  # reflow's; main() keeps them beside the checkpoint
         torch.manual_seed(cfg.seed)
         self.model = place(build_model(cfg) if model is None else model, self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
@@ -705,7 +706,7 @@ class TrainingRun:
     def save(self) -> None:
         self.mean_loss()  # never save weights that a loss of inf or nan has reached
         state = checkpoint(self.cfg, self.model, self.ema, self.opt, self.step, self.device)
-        state["pairs"] = len(self.data[0]) if len(self.data) == 3 else 0  # reflow's, kept beside it by main()
+        state["pairs"] = self.pairs  # 0: trained on the data set, not on reflow pairs
         atomic_save(self.path, lambda f: torch.save(state, f))
         self.saved_at = time.monotonic()
 
@@ -1046,16 +1047,29 @@ def load_checkpoint(path: str) -> dict:
 PAIRS_FILE = "reflow_pairs.pt"  # beside the checkpoint of a --reflow run
 
 
+def pairs_id(x1: Tensor) -> list:
+    """How many reflow pairs, and the sum of their ends: enough to tell one run's pairs from another's."""
+    return [len(x1), x1.double().sum().item()]
+
+
+def keep_pairs(pairs: TensorDataset, out: Path) -> None:
+    """Reflow's pairs beside the checkpoint that trains on them: --resume needs them, and they are costly to make."""
+    atomic_save(out / PAIRS_FILE, lambda f: torch.save(pairs.tensors, f))
+
+
 def load_pairs(ckpt: dict) -> TensorDataset:
     """The pairs that the --reflow run of this checkpoint kept beside it, to resume its training on."""
     path = Path(ckpt["path"]).with_name(PAIRS_FILE)
+    if ckpt["pairs"] is True:  # written before --reflow kept its pairs
+        raise UserError(f"--resume: {ckpt['path']} trained on reflow pairs that were not kept; run --reflow again")
     try:
         pairs = TensorDataset(*torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:
         raise UserError(f"--resume: {ckpt['path']} trained on reflow pairs, kept in {path}, which is missing or "
                         f"unreadable ({type(e).__name__}); run --reflow again") from e
-    if len(pairs) != ckpt["pairs"]:
-        raise UserError(f"--resume: {path} holds {len(pairs)} pairs, but {ckpt['path']} trained on {ckpt['pairs']}; "
+    (n, total), (m, found) = ckpt["pairs"], pairs_id(pairs.tensors[0])
+    if n != m or not math.isclose(total, found, rel_tol=1e-9, abs_tol=1e-6):  # summed on another device, maybe
+        raise UserError(f"--resume: {path} holds other pairs ({m}) than the {n} that {ckpt['path']} trained on; "
                         f"run --reflow again")
     return pairs
 
@@ -1179,7 +1193,8 @@ def quoted(path) -> str:
 
 # ----------------------------------------------------------------------------- The command line
 DESCRIPTION = """Train a flow-matching model on MNIST digits (or Fashion-MNIST clothes), then draw new ones from
-noise by solving an ODE. Writes samples.png, trajectory.png and checkpoint.pt to --out-dir (fm_out).
+noise by solving an ODE. Writes samples.png, trajectory.png and checkpoint.pt to --out-dir (fm_out); --reflow also
+the pairs it trains on, reflow_pairs.pt, for --resume.
 
   python flow_matching.py                        train (4 epochs), then sample 64 digits
   python flow_matching.py --max-steps 300        a trial run of a minute or two
@@ -1269,7 +1284,8 @@ def main(argv=None) -> None:
             raise UserError("--reflow needs --checkpoint TEACHER, the trained model whose flow it straightens")
         if resume or sample_only or recipe:
             raise UserError(f"--reflow trains a new model from its teacher's settings: drop --"
-                            f"{'resume' if resume else 'sample-only' if sample_only else 'recipe'}")
+                            f"{'resume' if resume else 'sample-only' if sample_only else 'recipe'}"
+                            + " (an interrupted reflow resumes with --resume --checkpoint OUT/checkpoint.pt)" * resume)
         if Path(ckpt_path).resolve() == Path(out_ckpt).resolve():
             raise UserError(f"--reflow would overwrite its teacher {ckpt_path}: choose another --out-dir")
     ckpt_path = ckpt_path or out_ckpt
@@ -1294,17 +1310,20 @@ def main(argv=None) -> None:
     validate(cfg)
     labels = parse_labels(labels, cfg) if labels else class_labels(cfg)
     out = writable_dir(cfg.out_dir)
-    t0 = time.monotonic()
+    t0, pairs = time.monotonic(), None  # pairs: a reflow's (x1, label, x0), kept in out/PAIRS_FILE
     if sample_only:
         model = load_model(ckpt, cfg)
     elif n_pairs:
         print(f"reflow: {n_pairs} pairs from {ckpt_path}, then training on them, writing to {out}/")
         teacher = load_model(ckpt, cfg)
         pairs = reflow_pairs(teacher, cfg, n_pairs)
-        atomic_save(out / PAIRS_FILE, lambda f: torch.save(pairs.tensors, f))  # for --resume: costly to make again
+        keep_pairs(pairs, out)
         model = reflow(teacher, cfg, n_pairs, pairs=pairs)
     else:
-        pairs = load_pairs(ckpt) if resume and ckpt.get("pairs") else None  # a reflow's
+        if resume and ckpt.get("pairs"):  # a reflow's checkpoint; its cfg has reflow's t ~ U[0, 1]
+            pairs = load_pairs(ckpt)
+            if Path(ckpt["path"]).parent.resolve() != out.resolve():
+                keep_pairs(pairs, out)  # beside the checkpoint this run writes, for its own --resume
         data = cfg.dataset if pairs is None else f"{len(pairs)} reflow pairs"
         print(f"training {cfg.arch} on {data} ({pick_device(cfg.device)}), writing to {out}/")
         model = fit(cfg, pairs, resume=ckpt)
@@ -1312,7 +1331,7 @@ def main(argv=None) -> None:
     save_grid(x, out / "samples.png", nrow=8)
     save_trajectory(model, cfg, out / "trajectory.png", None if labels is None else labels.unique())
     written = ["samples.png", "trajectory.png"] + ([] if sample_only else ["checkpoint.pt"])
-    written += [PAIRS_FILE] if n_pairs else []
+    written += [PAIRS_FILE] if pairs is not None else []
     if figures:
         test = load_dataset(cfg.dataset, cfg.data_dir, train=False).tensors[0]
         save_interpolations(model, cfg, out / "interpolation.png", test)
@@ -1321,7 +1340,7 @@ def main(argv=None) -> None:
         misses = save_straight_paths(straight_paths_2d(), out / "straight_paths.png")
         written += ["interpolation.png", "straightness.png", "probability_path.png", "straight_paths.png"]
         if n_pairs:
-            save_straightness(load_model(ckpt, cfg), cfg, out / "straightness_teacher.png")
+            save_straightness(teacher, cfg, out / "straightness_teacher.png")
             written.append("straightness_teacher.png")
         if cfg.num_classes:
             save_guidance(model, cfg, out / "guidance.png")

@@ -1900,12 +1900,15 @@ def test_ctrl_c_saves_and_prints_how_to_resume(idx_dir, tmp_path, capsys, monkey
     assert code == 0 and fm.load_checkpoint(str(path))["step"] == 4, err
 
 
-def test_an_interrupted_reflow_resumes_on_the_pairs_it_kept(trained, tmp_path, capsys):
-    """--reflow keeps its pairs beside its checkpoint (they cost up to an hour to make), so a reflow stopped by
-    Ctrl-C during step 3 resumes with --resume alone and ends with exactly the weights of an uninterrupted run."""
+def test_an_interrupted_reflow_resumes_on_the_pairs_it_kept(trained, tmp_path, capsys, monkeypatch):
+    """--reflow draws its pairs once and keeps them beside its checkpoint (they cost up to an hour), so a reflow
+    stopped by Ctrl-C during step 3 resumes with --resume alone, into another folder too, and ends with exactly
+    the weights of an uninterrupted run; pairs that are missing or not the ones it trained on are one line."""
+    made, make = [], fm.reflow_pairs
+    monkeypatch.setattr(fm, "reflow_pairs", lambda *a: made.append(1) or make(*a))
     flags = ["--reflow", "16", "--checkpoint", str(trained), "--epochs", "2"]  # 2 steps of 8 pairs an epoch
     code, out, err = run_cli(flags + ["--out-dir", str(tmp_path / "whole")], capsys)
-    assert code == 0 and fm.PAIRS_FILE in out, err
+    assert code == 0 and fm.PAIRS_FILE in out and len(made) == 1, err
     loss, calls = fm.flow_matching_loss, []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fm, "flow_matching_loss", lambda *a, **k: calls.append(1) or loss(*a, **k))
@@ -1913,15 +1916,25 @@ def test_an_interrupted_reflow_resumes_on_the_pairs_it_kept(trained, tmp_path, c
         code, _, err = run_cli(flags + ["--out-dir", str(tmp_path / "cut")], capsys)
     assert code == 130 and "interrupted at step 3" in err, err
     cut = tmp_path / "cut" / "checkpoint.pt"
-    code, out, err = run_cli(["--resume", "--checkpoint", str(cut)], capsys)
-    assert code == 0 and "on 16 reflow pairs" in out, err
-    whole, resumed = fm.load_checkpoint(str(tmp_path / "whole" / "checkpoint.pt")), fm.load_checkpoint(str(cut))
-    assert whole["step"] == resumed["step"] == 4 and whole["pairs"] == resumed["pairs"] == 16
+    code, out, err = run_cli(["--resume", "--checkpoint", str(cut), "--out-dir", str(tmp_path / "moved")], capsys)
+    assert code == 0 and "on 16 reflow pairs" in out and len(made) == 2, err
+    whole, resumed = (fm.load_checkpoint(str(tmp_path / d / "checkpoint.pt")) for d in ("whole", "moved"))
+    assert whole["step"] == resumed["step"] == 4 and whole["pairs"] == resumed["pairs"] and whole["pairs"][0] == 16
     for name, p in whole["ema"].items():
         assert torch.equal(p, resumed["ema"][name]), name
-    (tmp_path / "cut" / fm.PAIRS_FILE).unlink()
-    code, _, err = run_cli(["--resume", "--checkpoint", str(cut)], capsys)
-    assert code == 1 and fm.PAIRS_FILE in err and "--reflow" in err and len(err.strip().splitlines()) == 1, err
+    assert fm.load_pairs(resumed)[:][2].equal(fm.load_pairs(whole)[:][2])  # kept beside the moved checkpoint too
+    pairs = tmp_path / "cut" / fm.PAIRS_FILE
+    x1, y, x0 = torch.load(pairs)
+    for damage in ("fewer", "other", "kept none", "missing"):  # other: another teacher's ends, say
+        if damage == "missing":
+            pairs.unlink()
+        elif damage == "kept none":  # the right pairs, but a checkpoint of the version that did not keep them
+            torch.save((x1, y, x0), pairs)
+            torch.save(torch.load(cut, weights_only=True) | {"pairs": True}, cut)
+        else:
+            torch.save((x1[:8], y[:8], x0[:8]) if damage == "fewer" else (x1 + 0.01, y, x0), pairs)
+        code, _, err = run_cli(["--resume", "--checkpoint", str(cut)], capsys)
+        assert code == 1 and "--reflow again" in err and len(err.strip().splitlines()) == 1, err
 
 
 @pytest.fixture
