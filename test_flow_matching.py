@@ -1727,6 +1727,16 @@ def trained_conditional(idx_dir, tmp_path_factory):
     return out / "checkpoint.pt"
 
 
+def test_the_readmes_links_into_the_module_land_on_what_they_name():
+    """Each [`name`](flow_matching.py#L<n>) in the README points at line n, where name is defined: a link that an
+    edit above it has moved would send a student to the wrong code."""
+    source = (HERE / "flow_matching.py").read_text().splitlines()
+    links = re.findall(r"\[`(\w+)`\]\(flow_matching\.py#L(\d+)\)", (HERE / "README.md").read_text())
+    assert len(links) >= 10
+    for name, line in links:
+        assert re.match(rf"(def|class) {name}\b", source[int(line) - 1]), (name, line, source[int(line) - 1])
+
+
 def test_help_lists_every_setting(capsys):
     """--help exits 0 and lists a flag for every CFG field but data_shape, in groups."""
     with pytest.raises(SystemExit) as e:
