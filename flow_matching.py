@@ -493,10 +493,10 @@ def reflow_pairs(teacher: nn.Module, cfg: CFG, n_pairs: int) -> TensorDataset:
 def reflow(teacher: nn.Module, cfg: CFG, n_pairs: int, model: nn.Module | None = None,
            pairs: TensorDataset | None = None) -> nn.Module:
     """Rectified flow's reflow (Liu et al. 2022): reflow_pairs(teacher, cfg, n_pairs), or the `pairs` it made
-    before (n_pairs then unused), become the straight paths that fit() trains a new model on (by default from the teacher's weights),
-    with t ~ U[0, 1]: sampling in a step or two asks for the field at t = 0, where the logit-normal t rarely
-    trains. The teacher's flow never crosses itself, so these pairs cross far less than independent ones: the
-    new flow is straighter."""
+    before (n_pairs then unused), become the straight paths that fit() trains a new model on (by default from the
+    teacher's weights), with t ~ U[0, 1]: sampling in a step or two asks for the field at t = 0, where the
+    logit-normal t rarely trains. The teacher's flow never crosses itself, so these pairs cross far less than
+    independent ones: the new flow is straighter."""
     if model is None:
         model = copy.deepcopy(teacher).train().requires_grad_(True)
     return fit(replace(cfg, t_dist="uniform"), reflow_pairs(teacher, cfg, n_pairs) if pairs is None else pairs, model)
