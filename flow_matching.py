@@ -33,7 +33,7 @@ class CFG:
     in the help); the fields after them belong to parts 2 and 3, and part 1 does not read them."""
     device: str = arg("auto", "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
     batch_size: int = arg(32, "examples per optimizer step (post: 256)")
-    lr: float = arg(2e-3, "AdamW learning rate; the schedule's peak (post: 2e-4)")
+    lr: float = arg(2e-3, "learning rate of AdamW (and Muon, scaled to match); the schedule's peak (post: 2e-4)")
     epochs: int = arg(4, "passes over the training set (post: 5)")
     num_workers: int = arg(0, "DataLoader worker processes of train(), the post's loop (post: 2, never passed on)")
     # Flow matching params (the post's t_eps was never used, and is not needed: erratum 3)
@@ -59,8 +59,8 @@ class CFG:
     num_classes: int = arg(0, "0: unconditional (post); 10: a model that draws the class asked for")
     label_drop: float = arg(0.1, "share of training labels replaced by the null label (for guidance)")
     guidance: float = arg(1.0, "guidance scale w in v = v(null) + w (v(y) - v(null)); 1: plain conditional")
-    coupling: str = arg("independent", "how noise meets data in training: independent (post) | ot (minibatch "
-                                       "optimal transport, within each class)")
+    optimizer: str = arg("adamw", "adamw (post) | muon (Muon for the hidden convolutions, AdamW for the rest)")
+    coupling: str = arg("independent", "noise meets data in training: independent (post) | ot (minibatch OT, by class)")
     # Plumbing (part 3)
     dataset: str = arg("mnist", "mnist | fashion-mnist")
     max_steps: int = arg(0, "stop after this many optimizer steps; the schedule fits them (0: all epochs)")
@@ -327,6 +327,77 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
         e.copy_(b)
 
 
+# ----------------------------------------------------------------------------- The optimizer: Muon for the convolutions
+def orthogonalize(g: Tensor, steps: int = 5) -> Tensor:
+    """About U V^T for g = U S V^T (m, n): g's directions, each of length 1. Five Newton-Schulz steps
+    X <- a X + b (X X^T) X + c (X X^T)^2 X from X = g / |g| map each singular value s to a s + b s^3 + c s^5;
+    these coefficients take every s in [1/500, 1] into [0.68, 1.21] (Jordan et al. 2024). Matrix products only."""
+    if len(g) > g.shape[1]:
+        return orthogonalize(g.T, steps).T  # the Gram matrix X X^T of the shorter side
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g / (g.norm() + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (Jordan et al. 2024): SGD with Nesterov momentum whose step, each kernel seen as an (out, in k k) matrix,
+    is orthogonalized. Adam scales each weight by its own gradient history; the momentum of a convolution is
+    dominated by a few directions, and Muon moves along all of them alike, so the rare ones train too. Scaled by
+    0.2 sqrt(max(out, in k k)), the step has about AdamW's size, so Muon shares AdamW's lr and schedule (Liu et
+    al. 2025). For matrices only: the first and last layers and the vectors stay with AdamW (MuonAndAdamW)."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.95, weight_decay: float = 0.01):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            lr, mu = group["lr"], group["momentum"]
+            for w in (w for w in group["params"] if w.grad is not None):
+                buf = self.state[w].setdefault("momentum", torch.zeros_like(w))
+                buf.mul_(mu).add_(w.grad)
+                update = orthogonalize(w.grad.add(buf, alpha=mu).reshape(len(w), -1))  # Nesterov
+                w.mul_(1 - lr * group["weight_decay"])  # decoupled weight decay, as AdamW's
+                w.add_(update.view(w.shape), alpha=-lr * 0.2 * max(update.shape) ** 0.5)
+
+
+class MuonAndAdamW:
+    """One optimizer of two parts: Muon for the hidden convolutions (4-D weights at least 16 wide each way: not
+    the first, which sees 1 channel, nor the last, which makes 1), AdamW for the rest. Fused AdamW on a CPU: one
+    kernel for all its tensors instead of a loop of small ones (docs/measurements.md)."""
+
+    def __init__(self, model: nn.Module, lr: float):
+        hidden = [w for w in model.parameters() if w.ndim == 4 and min(len(w), w[0].numel()) >= 16]
+        rest = [w for w in model.parameters() if all(w is not h for h in hidden)]
+        fused = True if rest and rest[0].device.type == "cpu" else None
+        self.parts = [torch.optim.AdamW(rest, lr=lr, fused=fused)] + ([Muon(hidden, lr=lr)] if hidden else [])
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for part in self.parts for group in part.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none)
+
+    def step(self) -> None:
+        for part in self.parts:
+            part.step()
+
+    def state_dict(self) -> dict:
+        return {"parts": [part.state_dict() for part in self.parts]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for part, part_state in zip(self.parts, state["parts"], strict=True):
+            part.load_state_dict(part_state)
+
+
+OPTIMIZERS = {"muon": MuonAndAdamW, "adamw": lambda model, lr: torch.optim.AdamW(model.parameters(), lr=lr)}
+
+
 # ----------------------------------------------------------------------------- Guidance: draw the class asked for
 class LabelEmbedding(nn.Module):
     """y (B,) -> (B, dim), a learned vector per class added to the time embedding; index num_classes is
@@ -381,7 +452,8 @@ def fit(cfg: CFG, dataset=None, model: nn.Module | None = None, resume: dict | N
     trains on those pairs (reflow) instead of fresh noise."""
     with TrainingRun(cfg, dataset, model, resume) as run:
         for x1, y, x0 in run.batches():  # x1 (B, *data_shape), labels y (B,), on the device; x0: reflow's pairs
-            run.opt.param_groups[0]["lr"] = learning_rate(cfg, run.step, run.last)
+            for group in run.opt.param_groups:
+                group["lr"] = learning_rate(cfg, run.step, run.last)
             labels = drop_labels(y, cfg)  # None for an unconditional model
             v = run.model if labels is None else partial(run.model, y=labels)
             t = T_DISTS[cfg.t_dist](len(x1), x1.device)
@@ -604,7 +676,8 @@ def mixture_path(x: Tensor, t, means: Tensor, stds: Tensor, weights: Tensor, sig
 
 
 RECIPES = {"post": dict(arch="post", batch_size=256, lr=2e-4, schedule="constant", epochs=5, t_dist="uniform",
-                        ema=0.0, sigma_min=0.01, sample_steps=50, solver="euler", time_shift="1", precision="fp32")}
+                        optimizer="adamw", ema=0.0, sigma_min=0.01, sample_steps=50, solver="euler", time_shift="1",
+                        precision="fp32")}
 
 
 # ============================================================================= Plumbing
@@ -633,8 +706,8 @@ from torchvision.utils import make_grid, save_image
 # ----------------------------------------------------------------------------- Training, around the recipe's loop
 class TrainingRun:
     """Everything fit() does besides the loop: the device and arithmetic, the data on the device in an order
-    that a resumed run continues exactly, AdamW, the weight average, progress, checkpoints (every epoch, every
-    cfg.checkpoint_every seconds, on Ctrl-C) and a clear stop when the loss is not finite."""
+    that a resumed run continues exactly, the optimizer, the weight average, progress, checkpoints (every epoch,
+    every cfg.checkpoint_every seconds, on Ctrl-C) and a clear stop when the loss is not finite."""
 
     def __init__(self, cfg: CFG, dataset, model: nn.Module | None, resume: dict | None):
         validate(cfg)
@@ -646,7 +719,7 @@ class TrainingRun:
         torch.manual_seed(cfg.seed)
         self.model = place(build_model(cfg) if model is None else model, self.device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr)
+        self.opt = OPTIMIZERS[cfg.optimizer](self.model, cfg.lr)
         self.bf16 = use_bf16(cfg.precision, *hardware(self.device))
         self.steps_per_epoch = math.ceil(len(self.data[0]) / cfg.batch_size)
         total = cfg.epochs * self.steps_per_epoch
@@ -817,7 +890,7 @@ def validate(cfg: CFG) -> None:
 # ----------------------------------------------------------------------------- Data
 DATASETS = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}
 CHOICES = {"solver": SOLVERS, "t_dist": T_DISTS, "arch": ARCHS, "dataset": DATASETS, "schedule": ("cosine", "constant"),
-           "precision": ("auto", "fp32", "bf16"), "coupling": ("independent", "ot")}
+           "precision": ("auto", "fp32", "bf16"), "coupling": ("independent", "ot"), "optimizer": OPTIMIZERS}
 
 
 def load_dataset(name: str, data_dir: str, train: bool = True) -> TensorDataset:
@@ -1040,7 +1113,8 @@ def load_checkpoint(path: str) -> dict:
     if ckpt.get("format") != CHECKPOINT_FORMAT or unknown:
         raise UserError(f"{path} was written by another version of flow_matching.py" +
                         (f" (unknown settings: {', '.join(sorted(unknown))})" if unknown else ""))
-    cfg = ckpt["cfg"] | {"device": "auto", "data_shape": tuple(ckpt["cfg"]["data_shape"])}
+    old = {"optimizer": "adamw"}  # written before --optimizer existed
+    cfg = old | ckpt["cfg"] | {"device": "auto", "data_shape": tuple(ckpt["cfg"]["data_shape"])}
     return ckpt | {"path": path, "cfg": cfg}
 
 
@@ -1205,8 +1279,8 @@ the pairs it trains on, reflow_pairs.pt, for --resume.
 GROUPS = {  # --help's groups, in order; the flags of each, by CFG field or by name
     "the post's settings": ["batch_size", "lr", "epochs", "sigma_min", "sample_steps", "solver", "n_samples",
                             "num_workers", "seed"],
-    "beyond the post: network, recipe, guidance": ["arch", "t_dist", "schedule", "ema", "time_shift", "precision",
-                                                   "num_classes", "label_drop", "guidance", "coupling"],
+    "beyond the post: network, recipe, guidance": ["arch", "t_dist", "schedule", "optimizer", "ema", "time_shift",
+                                                   "precision", "num_classes", "label_drop", "guidance", "coupling"],
     "data": ["dataset", "data_dir"],
 }
 METAVARS = {int: "N", float: "X", "out_dir": "DIR", "data_dir": "DIR", "device": "NAME", "time_shift": "SHIFT"}
@@ -1295,6 +1369,8 @@ def main(argv=None) -> None:
         raise UserError("--recipe starts a new run; a checkpoint already holds its settings")
     if resume and (fixed := [k for k in ("batch_size", "seed", "dataset") if k in args]):
         raise UserError(f"--{flag(fixed[0])}: a resumed run keeps its checkpoint's, or its data order would change")
+    if resume and "optimizer" in args:
+        raise UserError("--optimizer: a resumed run keeps its checkpoint's, whose state it continues")
     if sample_only and args.keys() - SAMPLING:
         raise UserError(f"--{flag(sorted(args.keys() - SAMPLING)[0])} is a training setting; --sample-only uses "
                         f"the checkpoint's")

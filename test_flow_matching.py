@@ -754,6 +754,21 @@ def test_fit_runs_the_whole_schedule_in_a_short_run(cfg2d, monkeypatch):
     assert seen == pytest.approx([fm.learning_rate(cfg, k, 60) for k in range(60)]) and seen[-1] == pytest.approx(1e-4)
 
 
+def test_fit_sets_the_schedule_on_muons_part_too(tmp_path, device, monkeypatch):
+    """With --optimizer muon, the learning rate of each step of fm.fit reaches Muon's convolutions as well as
+    AdamW's other weights: the last of 6 steps is at lr / 10 in both parts."""
+    seen = {"adamw": [], "muon": []}
+    for name, cls in [("adamw", torch.optim.AdamW), ("muon", fm.Muon)]:
+        monkeypatch.setattr(cls, "step", lambda self, *a, _step=cls.step, _seen=seen[name], **k:
+                            _seen.append(self.param_groups[0]["lr"]) or _step(self, *a, **k))
+    cfg = fm.CFG(device=device, optimizer="muon", batch_size=4, epochs=1, max_steps=6, lr=1e-3, out_dir=str(tmp_path))
+    torch.manual_seed(0)
+    images = torch.utils.data.TensorDataset(torch.rand(24, 1, 28, 28) * 2 - 1, torch.zeros(24, dtype=torch.long))
+    fm.fit(cfg, images, fm.UNet((16, 16, 16)))
+    expected = [fm.learning_rate(cfg, k, 6) for k in range(6)]
+    assert seen["adamw"] == pytest.approx(expected) and seen["muon"] == pytest.approx(expected)
+
+
 @given(decay=st.floats(0.999, 0.99999), steps=st.integers(1, 200), seed=seeds)
 def test_weight_average_forgets_the_initial_weights(decay, steps, seed):
     """fm.update_ema toward fixed weights w for n steps from 0 keeps 1 / C(n + 9, 9) of its start: the warm-up
@@ -773,6 +788,94 @@ def test_weight_average_forgets_the_initial_weights(decay, steps, seed):
         fm.update_ema(late, model, decay, step)
     for e, p, s in zip(late.parameters(), model.parameters(), late_start):
         torch.testing.assert_close(e, decay**steps * s + (1 - decay**steps) * p, rtol=1e-9, atol=1e-12)
+
+
+def quintic(s: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Muon's Newton-Schulz polynomial on numbers: s <- a s + b s^3 + c s^5, `steps` times (Jordan et al. 2024)."""
+    for _ in range(steps):
+        s = 3.4445 * s - 4.7750 * s**3 + 2.0315 * s**5
+    return s
+
+
+@given(m=st.integers(1, 48), n=st.integers(1, 48), seed=seeds)
+@example(m=1, n=30, seed=0)
+@example(m=30, n=3, seed=0)
+def test_orthogonalize_keeps_the_singular_vectors_and_maps_the_values_near_one(m, n, seed):
+    """fm.orthogonalize(U S V^T) = U p(S / |S|) V^T, p five steps of the quintic on each singular value of
+    g / |g|_F (an odd polynomial in X with X X^T products keeps U and V); p puts every value in [1/500, 1]
+    within [0.68, 1.21], so the step is nearly U V^T, the orthogonal matrix nearest g."""
+    torch.manual_seed(seed)
+    k = min(m, n)
+    u, v = (torch.linalg.qr(torch.randn(rows, k, dtype=torch.float64))[0] for rows in (m, n))
+    s = torch.rand(k, dtype=torch.float64) * 0.95 + 0.05
+    expected = u @ torch.diag(quintic(s / s.norm())) @ v.T
+    torch.testing.assert_close(fm.orthogonalize(3.7 * u @ torch.diag(s) @ v.T), expected, rtol=0, atol=1e-6)
+    values = quintic(torch.linspace(1 / 500, 1, 100_000, dtype=torch.float64))
+    assert 0.68 <= values.min() and values.max() <= 1.21
+
+
+@given(out=st.integers(16, 40), cin=st.integers(2, 6), lr=st.floats(1e-4, 1e-1), seed=seeds)
+def test_muon_steps_along_the_orthogonalized_nesterov_momentum(out, cin, lr, seed):
+    """Two fm.Muon steps on a kernel w (out, cin, 3, 3) with gradients g1, g2 (seen as (out, 9 cin) matrices):
+    the buffer b is g1, then mu g1 + g2, and each step decays w by lr wd and moves it by
+    -lr 0.2 sqrt(max(out, 9 cin)) orthogonalize(g + mu b), the Nesterov look-ahead; that step's size, its RMS
+    over the kernel, is 0.2 lr times that of p(S), about AdamW's typical 0.2 lr, and it descends."""
+    torch.manual_seed(seed)
+    w = torch.randn(out, cin, 3, 3, dtype=torch.float64, requires_grad=True)
+    g1, g2 = torch.randn(2, out, cin, 3, 3, dtype=torch.float64)
+    opt, mu, wd, scale = fm.Muon([w], lr=lr), 0.95, 0.01, 0.2 * max(out, 9 * cin) ** 0.5
+    expected = w.detach().clone()
+    for g, b in [(g1, g1), (g2, mu * g1 + g2)]:
+        w.grad = g.clone()
+        opt.step()
+        step = -lr * scale * fm.orthogonalize((g + mu * b).reshape(out, -1)).view_as(w)
+        expected = expected * (1 - lr * wd) + step
+        torch.testing.assert_close(w.detach(), expected, rtol=1e-9, atol=1e-12)
+        rms = step.square().mean().sqrt() / lr
+        assert 0.2 * 0.6 <= rms <= 0.2 * 1.21 and (step * (g + mu * b)).sum() < 0
+
+
+def test_muon_takes_the_hidden_convolutions_and_adamw_the_rest():
+    """fm.MuonAndAdamW on the U-Net: Muon holds exactly its 4-D kernels but the first (1 channel in) and the
+    last (1 channel out), AdamW every other parameter, each once; the learning rate the loop sets on each of
+    its groups reaches both parts."""
+    model = fm.UNet()
+    opt = fm.MuonAndAdamW(model, 1e-3)
+    names = {id(p): name for name, p in model.named_parameters()}
+    adamw, muon = opt.parts
+    assert isinstance(adamw, torch.optim.AdamW) and isinstance(muon, fm.Muon)
+    held = [names[id(p)] for part in opt.parts for group in part.param_groups for p in group["params"]]
+    assert sorted(held) == sorted(names.values())
+    kernels = {name for name, p in model.named_parameters() if p.ndim == 4} - {"inp.weight", "out.2.weight"}
+    assert {names[id(p)] for p in muon.param_groups[0]["params"]} == kernels and len(kernels) == 16
+    for group in opt.param_groups:
+        group["lr"] = 0.123
+    assert [g["lr"] for part in opt.parts for g in part.param_groups] == [0.123, 0.123]
+
+
+def test_muon_and_adamw_come_back_from_a_checkpoint(tmp_path):
+    """A fm.MuonAndAdamW loaded from another's state_dict, saved and read back as checkpoints are (torch.load
+    weights_only), takes the same next step: Muon's momentum and AdamW's moments and step count return."""
+    def net():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(1, 16, 3), nn.SiLU(), nn.Conv2d(16, 16, 3), nn.SiLU(), nn.Conv2d(16, 1, 3))
+
+    def step(model, opt, seed):
+        torch.manual_seed(seed)
+        opt.zero_grad()
+        model(torch.randn(4, 1, 9, 9)).square().mean().backward()
+        opt.step()
+    model, twin = net(), net()
+    opt = fm.MuonAndAdamW(model, 1e-2)
+    for seed in range(3):
+        step(model, opt, seed)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    twin.load_state_dict(model.state_dict())
+    twin_opt = fm.MuonAndAdamW(twin, 1e-2)
+    twin_opt.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    step(model, opt, 3), step(twin, twin_opt, 3)
+    for (name, p), q in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(p, q), name
 
 
 @pytest.mark.parametrize("ema", [0.0, 0.999])
@@ -1768,6 +1871,7 @@ BAD = [  # (flags, what the message must name)
     (["--reflow", "0", "--checkpoint", "{tmp}/t.pt"], "--reflow 0"), (["--reflow", "8"], "--reflow needs --checkpoint"),
     (["--reflow", "8", "--checkpoint", "{tmp}/t.pt", "--sample-only"], "--sample-only"),
     (["--reflow", "8", "--checkpoint", "{tmp}/t.pt", "--resume"], "--resume"),
+    (["--optimizer", "sgd"], "--optimizer"), (["--resume", "--optimizer", "adamw"], "--optimizer"),
 ]
 
 
@@ -1828,6 +1932,18 @@ def test_a_checkpoint_from_a_gpu_machine_samples_and_resumes_here(trained, tmp_p
                             "--out-dir", str(tmp_path / "r")], capsys)
     assert code == 0, err
     assert fm.load_checkpoint(str(tmp_path / "r" / "checkpoint.pt"))["step"] == ckpt["step"] + 1
+
+
+def test_a_checkpoint_from_before_optimizer_resumes_with_adamw(idx_dir, tmp_path, capsys):
+    """A checkpoint whose settings lack optimizer (written before the setting existed, when AdamW trained
+    everything) resumes with AdamW, its optimizer state and all."""
+    ckpt = torch.load(tiny_run(idx_dir, tmp_path / "old", "--optimizer", "adamw"), weights_only=True)
+    old = tmp_path / "old.pt"
+    torch.save(ckpt | {"cfg": {k: v for k, v in ckpt["cfg"].items() if k != "optimizer"}}, old)
+    code, _, err = run_cli(["--resume", "--checkpoint", str(old), "--epochs", "2", "--max-steps", str(ckpt["step"] + 1),
+                            "--out-dir", str(tmp_path / "r")], capsys)
+    assert code == 0, err
+    assert fm.load_checkpoint(str(tmp_path / "r" / "checkpoint.pt"))["cfg"]["optimizer"] == "adamw"
 
 
 def test_a_conditional_model_draws_the_classes_asked_for(trained_conditional, idx_dir, tmp_path, capsys, monkeypatch):
