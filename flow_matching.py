@@ -34,7 +34,7 @@ class CFG:
     device: str = arg("auto", "auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
     batch_size: int = arg(32, "examples per optimizer step (post: 256)")
     lr: float = arg(2e-3, "learning rate of AdamW (and Muon, scaled to match); the schedule's peak (post: 2e-4)")
-    epochs: int = arg(4, "passes over the training set (post: 5)")
+    epochs: int = arg(3, "passes over the training set (post: 5)")
     num_workers: int = arg(0, "DataLoader worker processes of train(), the post's loop (post: 2, never passed on)")
     # Flow matching params (the post's t_eps was never used, and is not needed: erratum 3)
     sigma_min: float = arg(1e-2, "endpoint noise: the path ends at x1 + sigma_min x0; in [0, 1)")
@@ -59,8 +59,8 @@ class CFG:
     num_classes: int = arg(0, "0: unconditional (post); 10: a model that draws the class asked for")
     label_drop: float = arg(0.1, "share of training labels replaced by the null label (for guidance)")
     guidance: float = arg(1.0, "guidance scale w in v = v(null) + w (v(y) - v(null)); 1: plain conditional")
-    optimizer: str = arg("adamw", "adamw (post) | muon (Muon for the hidden convolutions, AdamW for the rest)")
-    coupling: str = arg("independent", "noise meets data in training: independent (post) | ot (minibatch OT, by class)")
+    optimizer: str = arg("muon", "muon (Muon for the hidden convolutions, AdamW for the rest) | adamw (post)")
+    coupling: str = arg("ot", "noise meets data in training: ot (minibatch OT, by class) | independent (post)")
     # Plumbing (part 3)
     dataset: str = arg("mnist", "mnist | fashion-mnist")
     max_steps: int = arg(0, "stop after this many optimizer steps; the schedule fits them (0: all epochs)")
@@ -676,8 +676,8 @@ def mixture_path(x: Tensor, t, means: Tensor, stds: Tensor, weights: Tensor, sig
 
 
 RECIPES = {"post": dict(arch="post", batch_size=256, lr=2e-4, schedule="constant", epochs=5, t_dist="uniform",
-                        optimizer="adamw", ema=0.0, sigma_min=0.01, sample_steps=50, solver="euler", time_shift="1",
-                        precision="fp32")}
+                        optimizer="adamw", coupling="independent", ema=0.0, sigma_min=0.01, sample_steps=50,
+                        solver="euler", time_shift="1", precision="fp32")}
 
 
 # ============================================================================= Plumbing
@@ -1047,7 +1047,7 @@ def two_blobs(n: int, seed: int = 0) -> TensorDataset:
 def straight_paths_2d(n: int = 4000, seed: int = 0) -> dict:
     """The 2-D toy trained three ways, each by fit() with one MLP recipe: independent coupling (the post's), OT
     coupling, and one reflow of the first on n pairs. Returns {name: model}."""
-    cfg = CFG(data_shape=(2,), epochs=20, lr=3e-3, ema=0.0, device="cpu", seed=seed)
+    cfg = CFG(data_shape=(2,), epochs=20, lr=3e-3, ema=0.0, coupling="independent", device="cpu", seed=seed)
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         cfg, data = replace(cfg, out_dir=tmp), two_blobs(n, seed)
         independent = fit(cfg, data, MLP())
@@ -1113,7 +1113,7 @@ def load_checkpoint(path: str) -> dict:
     if ckpt.get("format") != CHECKPOINT_FORMAT or unknown:
         raise UserError(f"{path} was written by another version of flow_matching.py" +
                         (f" (unknown settings: {', '.join(sorted(unknown))})" if unknown else ""))
-    old = {"optimizer": "adamw"}  # written before --optimizer existed
+    old = {"optimizer": "adamw", "coupling": "independent"}  # written before these settings existed
     cfg = old | ckpt["cfg"] | {"device": "auto", "data_shape": tuple(ckpt["cfg"]["data_shape"])}
     return ckpt | {"path": path, "cfg": cfg}
 
