@@ -344,8 +344,8 @@ def orthogonalize(g: Tensor, steps: int = 5) -> Tensor:
 
 class Muon(torch.optim.Optimizer):
     """Muon (Jordan et al. 2024): SGD with Nesterov momentum whose step, each kernel seen as an (out, in k k) matrix,
-    is orthogonalized. Adam scales each weight by its own gradient history; the momentum of a convolution is
-    dominated by a few directions, and Muon moves along all of them alike, so the rare ones train too. Scaled by
+    is orthogonalized. Adam scales each weight by its own gradient history; Muon's argument: a kernel's momentum
+    is dominated by a few directions, and moving along all of them alike trains the rare ones too. Scaled by
     0.2 sqrt(max(out, in k k)), the step has about AdamW's size, so Muon shares AdamW's lr and schedule (Liu et
     al. 2025). For matrices only: the first and last layers and the vectors stay with AdamW (MuonAndAdamW)."""
 
