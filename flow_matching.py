@@ -331,15 +331,19 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
 def orthogonalize(g: Tensor, steps: int = 5) -> Tensor:
     """About U V^T for g = U S V^T (m, n): g's directions, each of length 1. Five Newton-Schulz steps
     X <- a X + b (X X^T) X + c (X X^T)^2 X from X = g / |g| map each singular value s to a s + b s^3 + c s^5;
-    these coefficients take every s in [1/500, 1] into [0.68, 1.21] (Jordan et al. 2024). Matrix products only."""
+    these coefficients take every s in [1/500, 1] into [0.68, 1.21] (Jordan et al. 2024). A step is X <- P X,
+    P = a + b G + c G^2 a polynomial in G = X X^T, so the steps run on (m, m) matrices alone: G <- P G P (P and G
+    commute), Q <- P Q, and X = Q X_0 at the end; two products with the long side n, not ten."""
     if len(g) > g.shape[1]:
-        return orthogonalize(g.T, steps).T  # the Gram matrix X X^T of the shorter side
+        return orthogonalize(g.T, steps).T  # the Gram matrix of the shorter side
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g / (g.norm() + 1e-7)
+    eye = torch.eye(len(x), dtype=x.dtype, device=x.device)
+    gram, q = x @ x.T, eye
     for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return x
+        p = a * eye + b * gram + c * gram @ gram
+        gram, q = p @ gram @ p, p @ q
+    return q @ x
 
 
 class Muon(torch.optim.Optimizer):
@@ -1270,7 +1274,7 @@ DESCRIPTION = """Train a flow-matching model on MNIST digits (or Fashion-MNIST c
 noise by solving an ODE. Writes samples.png, trajectory.png and checkpoint.pt to --out-dir (fm_out); --reflow also
 the pairs it trains on, reflow_pairs.pt, for --resume.
 
-  python flow_matching.py                        train (4 epochs), then sample 64 digits
+  python flow_matching.py                        train (3 epochs), then sample 64 digits
   python flow_matching.py --max-steps 300        a trial run of a minute or two
   python flow_matching.py --resume               continue after Ctrl-C
   python flow_matching.py --sample-only --solver midpoint --sample-steps 10
