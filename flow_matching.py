@@ -266,32 +266,31 @@ class ResBlock(nn.Module):
 
 class UNet(nn.Module):
     """The default navigator (--arch unet). The post's three convolutions see a 7x7 window: strokes, not
-    digits (erratum 10). This U-Net sees the whole digit at 7x7 and spends its compute at 14x14 and 7x7,
-    with one convolution at 28x28 each way; the 28x28 skip is added, not concatenated, to halve the last one."""
+    digits (erratum 10). This U-Net sees the whole digit at 7x7. It works on 2x2 patches, in by a stride-2
+    convolution, out as 4 channels at 14x14 that a pixel shuffle lays back into 28x28: on a CPU a convolution
+    with one channel at 28x28 runs at a tenth of the speed of the others (docs/measurements.md). Skips are added."""
 
-    def __init__(self, widths: tuple[int, int, int] = (32, 64, 128), tdim: int = 128, num_classes: int = 0):
+    def __init__(self, widths: tuple[int, int, int] = (32, 64, 96), tdim: int = 128, num_classes: int = 0):
         super().__init__()
-        c1, c2, c3 = widths  # channels at 28x28, 14x14, 7x7
+        c1, c2, c3 = widths  # channels of the patches (14x14), of the 14x14 blocks, at 7x7
         self.time = nn.Sequential(SinusoidalTimeEmbedding(32), nn.Linear(32, tdim), nn.SiLU(), nn.Linear(tdim, tdim))
         self.label = LabelEmbedding(num_classes, tdim)
-        self.inp = nn.Conv2d(1, c1, 3, padding=1)
-        self.down1 = nn.Conv2d(c1, c1, 3, stride=2, padding=1)
+        self.inp = nn.Conv2d(1, c1, 2, stride=2)  # one vector for each 2x2 patch
         self.enc1 = ResBlock(c1, c2, tdim)
-        self.down2 = nn.Conv2d(c2, c2, 3, stride=2, padding=1)
+        self.down = nn.Conv2d(c2, c2, 3, stride=2, padding=1)
         self.enc2 = ResBlock(c2, c3, tdim)
         self.mid = ResBlock(c3, c3, tdim)
-        self.dec2 = ResBlock(2 * c3, c2, tdim)
-        self.dec1 = ResBlock(2 * c2, c1, tdim)
-        self.out = nn.Sequential(GroupNorm32(8, c1), nn.SiLU(), nn.Conv2d(c1, 1, 3, padding=1))
+        self.dec2 = ResBlock(c3, c2, tdim)
+        self.dec1 = ResBlock(c2, c1, tdim)
+        self.out = nn.Sequential(GroupNorm32(8, c1), nn.SiLU(), nn.Conv2d(c1, 4, 3, padding=1), nn.PixelShuffle(2))
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         temb = self.time(t) + self.label(y, x)  # (B, tdim)
-        h0 = self.inp(x)  # (B, c1, 28, 28)
-        h1 = self.enc1(self.down1(h0), temb)  # (B, c2, 14, 14)
-        h2 = self.enc2(self.down2(h1), temb)  # (B, c3, 7, 7)
-        h = self.dec2(torch.cat([self.mid(h2, temb), h2], 1), temb)  # (B, c2, 7, 7)
-        h = self.dec1(torch.cat([F.interpolate(h, scale_factor=2.0), h1], 1), temb)  # (B, c1, 14, 14)
-        return self.out(F.interpolate(h, scale_factor=2.0) + h0)  # (B, 1, 28, 28)
+        h1 = self.enc1(self.inp(x), temb)  # (B, c2, 14, 14)
+        h2 = self.enc2(self.down(h1), temb)  # (B, c3, 7, 7)
+        h = self.dec2(self.mid(h2, temb) + h2, temb)  # (B, c2, 7, 7)
+        h = self.dec1(F.interpolate(h, scale_factor=2.0) + h1, temb)  # (B, c1, 14, 14)
+        return self.out(h)  # (B, 4, 14, 14) -> (B, 1, 28, 28)
 
 
 ARCHS = {"unet": UNet, "post": VelocityNet}
@@ -370,7 +369,7 @@ class Muon(torch.optim.Optimizer):
 
 class MuonAndAdamW:
     """One optimizer of two parts: Muon for the hidden convolutions (4-D weights at least 16 wide each way: not
-    the first, which sees 1 channel, nor the last, which makes 1), AdamW for the rest. Fused AdamW on a CPU: one
+    the first, which sees 1 channel, nor the last, which makes 4), AdamW for the rest. Fused AdamW on a CPU: one
     kernel for all its tensors instead of a loop of small ones (docs/measurements.md)."""
 
     def __init__(self, model: nn.Module, lr: float):
