@@ -797,42 +797,68 @@ def quintic(s: torch.Tensor, steps: int = 5) -> torch.Tensor:
     return s
 
 
+def with_singular_values(m: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random (m, n) matrix g = 3.7 U S V^T (float64), and the Newton-Schulz result derived from its SVD:
+    U p(S / |S|) V^T, p five steps of the quintic on each singular value of g / |g|_F (an odd polynomial in X with
+    X X^T products keeps U and V)."""
+    k = min(m, n)
+    u, v = (torch.linalg.qr(torch.randn(rows, k, dtype=torch.float64))[0] for rows in (m, n))
+    s = torch.rand(k, dtype=torch.float64) * 0.95 + 0.05
+    return 3.7 * u @ torch.diag(s) @ v.T, u @ torch.diag(quintic(s / s.norm())) @ v.T
+
+
 @given(m=st.integers(1, 48), n=st.integers(1, 48), seed=seeds)
 @example(m=1, n=30, seed=0)
 @example(m=30, n=3, seed=0)
 def test_orthogonalize_keeps_the_singular_vectors_and_maps_the_values_near_one(m, n, seed):
-    """fm.orthogonalize(U S V^T) = U p(S / |S|) V^T, p five steps of the quintic on each singular value of
-    g / |g|_F (an odd polynomial in X with X X^T products keeps U and V); p puts every value in [1/500, 1]
+    """fm.orthogonalize(U S V^T) = U p(S / |S|) V^T (with_singular_values); p puts every value in [1/500, 1]
     within [0.68, 1.21], so the step is nearly U V^T, the orthogonal matrix nearest g."""
     torch.manual_seed(seed)
-    k = min(m, n)
-    u, v = (torch.linalg.qr(torch.randn(rows, k, dtype=torch.float64))[0] for rows in (m, n))
-    s = torch.rand(k, dtype=torch.float64) * 0.95 + 0.05
-    expected = u @ torch.diag(quintic(s / s.norm())) @ v.T
-    torch.testing.assert_close(fm.orthogonalize(3.7 * u @ torch.diag(s) @ v.T), expected, rtol=0, atol=1e-6)
+    g, expected = with_singular_values(m, n)
+    torch.testing.assert_close(fm.orthogonalize(g), expected, rtol=0, atol=1e-6)
     values = quintic(torch.linspace(1 / 500, 1, 100_000, dtype=torch.float64))
     assert 0.68 <= values.min() and values.max() <= 1.21
 
 
-@given(out=st.integers(16, 40), cin=st.integers(2, 6), lr=st.floats(1e-4, 1e-1), seed=seeds)
-def test_muon_steps_along_the_orthogonalized_nesterov_momentum(out, cin, lr, seed):
-    """Two fm.Muon steps on a kernel w (out, cin, 3, 3) with gradients g1, g2 (seen as (out, 9 cin) matrices):
-    the buffer b is g1, then mu g1 + g2, and each step decays w by lr wd and moves it by
-    -lr 0.2 sqrt(max(out, 9 cin)) orthogonalize(g + mu b), the Nesterov look-ahead; that step's size, its RMS
-    over the kernel, is 0.2 lr times that of p(S), about AdamW's typical 0.2 lr, and it descends."""
+@given(shapes=st.lists(st.tuples(st.sampled_from([3, 5]), st.integers(1, 12)), min_size=1, max_size=6),
+       tall=st.lists(st.booleans(), min_size=6, max_size=6), seed=seeds)
+@example(shapes=[(3, 4), (3, 9), (3, 2)], tall=[False, True, True, False, False, False], seed=0)
+def test_orthogonalize_each_treats_each_matrix_alone(shapes, tall, seed):
+    """fm.orthogonalize_each stacks the matrices whose shorter side has the same length, zero-padded to the
+    widest: each result must still be its own matrix's U p(S / |S|) V^T, as if the others were not there."""
     torch.manual_seed(seed)
-    w = torch.randn(out, cin, 3, 3, dtype=torch.float64, requires_grad=True)
-    g1, g2 = torch.randn(2, out, cin, 3, 3, dtype=torch.float64)
-    opt, mu, wd, scale = fm.Muon([w], lr=lr), 0.95, 0.01, 0.2 * max(out, 9 * cin) ** 0.5
-    expected = w.detach().clone()
-    for g, b in [(g1, g1), (g2, mu * g1 + g2)]:
-        w.grad = g.clone()
+    cases = [with_singular_values(*((n, m) if flip else (m, n))) for (m, n), flip in zip(shapes, tall)]
+    results = fm.orthogonalize_each([g for g, _ in cases])
+    assert len(results) == len(cases)
+    for (g, expected), result in zip(cases, results):
+        torch.testing.assert_close(result, expected, rtol=0, atol=1e-6)
+
+
+@given(out=st.integers(16, 40), cins=st.lists(st.integers(2, 6), min_size=1, max_size=3), lr=st.floats(1e-4, 1e-1),
+       seed=seeds)
+@example(out=16, cins=[2, 4], lr=1e-2, seed=0)  # (16, 18) and (16, 36): one batch, the first padded
+def test_muon_steps_along_the_orthogonalized_nesterov_momentum(out, cins, lr, seed):
+    """Two fm.Muon steps on kernels w (out, cin, 3, 3) with gradients g1, g2 (seen as (out, 9 cin) matrices): for
+    each kernel the buffer b is g1, then mu g1 + g2, and each step decays w by lr wd and moves it by
+    -lr 0.2 sqrt(max(out, 9 cin)) orthogonalize(g + mu b), the Nesterov look-ahead, of its own gradients alone;
+    that step's size, its RMS over the kernel, is 0.2 lr times that of p(S), about AdamW's typical 0.2 lr, and it
+    descends."""
+    torch.manual_seed(seed)
+    ws = [torch.randn(out, cin, 3, 3, dtype=torch.float64, requires_grad=True) for cin in cins]
+    g1s, g2s = ([torch.randn_like(w) for w in ws] for _ in range(2))
+    opt, mu, wd = fm.Muon(ws, lr=lr), 0.95, 0.01
+    expected = [w.detach().clone() for w in ws]
+    for gs, bs in [(g1s, g1s), (g2s, [mu * g1 + g2 for g1, g2 in zip(g1s, g2s)])]:
+        for w, g in zip(ws, gs):
+            w.grad = g.clone()
         opt.step()
-        step = -lr * scale * fm.orthogonalize((g + mu * b).reshape(out, -1)).view_as(w)
-        expected = expected * (1 - lr * wd) + step
-        torch.testing.assert_close(w.detach(), expected, rtol=1e-9, atol=1e-12)
-        rms = step.square().mean().sqrt() / lr
-        assert 0.2 * 0.6 <= rms <= 0.2 * 1.21 and (step * (g + mu * b)).sum() < 0
+        for i, (w, g, b) in enumerate(zip(ws, gs, bs)):
+            scale = 0.2 * max(out, w[0].numel()) ** 0.5
+            step = -lr * scale * fm.orthogonalize((g + mu * b).reshape(out, -1)).view_as(w)
+            expected[i] = expected[i] * (1 - lr * wd) + step
+            torch.testing.assert_close(w.detach(), expected[i], rtol=1e-9, atol=1e-12)
+            rms = step.square().mean().sqrt() / lr
+            assert 0.2 * 0.6 <= rms <= 0.2 * 1.21 and (step * (g + mu * b)).sum() < 0
 
 
 def test_muon_takes_the_hidden_convolutions_and_adamw_the_rest():
