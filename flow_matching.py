@@ -378,6 +378,8 @@ class Muon(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, mu = group["lr"], group["momentum"]
             ws = [w for w in group["params"] if w.grad is not None]  # lists: one call for all kernels (foreach)
+            if not ws:
+                continue
             grads = [w.grad for w in ws]
             bufs = [self.state[w].setdefault("momentum", torch.zeros_like(w)) for w in ws]
             torch._foreach_mul_(bufs, mu)

@@ -861,6 +861,20 @@ def test_muon_steps_along_the_orthogonalized_nesterov_momentum(out, cins, lr, se
             assert 0.2 * 0.6 <= rms <= 0.2 * 1.21 and (step * (g + mu * b)).sum() < 0
 
 
+def test_muon_leaves_kernels_without_a_gradient_alone():
+    """A fm.Muon step moves only the kernels that have a gradient (here one of two), as torch's optimizers do, and
+    a step with none moves nothing."""
+    torch.manual_seed(0)
+    moved, frozen = (torch.nn.Parameter(torch.randn(16, 4, 3, 3, dtype=torch.float64)) for _ in range(2))
+    opt, before = fm.Muon([moved, frozen], lr=1e-2), frozen.detach().clone()
+    opt.step()
+    assert torch.equal(frozen.detach(), before)
+    moved.grad = torch.randn_like(moved)
+    start = moved.detach().clone()
+    opt.step()
+    assert torch.equal(frozen.detach(), before) and not torch.equal(moved.detach(), start)
+
+
 def test_muon_takes_the_hidden_convolutions_and_adamw_the_rest():
     """fm.MuonAndAdamW on the U-Net: Muon holds exactly its 4-D kernels but the first (1 channel in) and the
     last (4 channels out), AdamW every other parameter, each once; the learning rate the loop sets on each of
