@@ -329,11 +329,11 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> Non
 # ----------------------------------------------------------------------------- The optimizer: Muon for the convolutions
 def orthogonalize(g: Tensor, steps: int = 5) -> Tensor:
     """About U V^T for g = U S V^T (m, n), or for each matrix of a batch g (k, m, n): g's directions, each of
-    length 1. Five Newton-Schulz steps X <- a X + b (X X^T) X + c (X X^T)^2 X from X = g / |g| map each singular
-    value s to a s + b s^3 + c s^5; these coefficients take every s in [1/500, 1] into [0.68, 1.21] (Jordan et
-    al. 2024). A step is X <- P X, P = a + b G + c G^2 a polynomial in G = X X^T, so the steps run on (m, m)
-    matrices alone: G <- P G P (P and G commute), Q <- P Q, and X = Q X_0 at the end; two products with the long
-    side n, not ten."""
+    length 1. Five Newton-Schulz steps X <- a X + b (X X^T) X + c (X X^T)^2 X from X = g / |g| (each matrix by its
+    own Frobenius norm) map each singular value s to a s + b s^3 + c s^5; these coefficients take every s in
+    [1/500, 1] into [0.68, 1.21] (Jordan et al. 2024). A step is X <- P X, P = a + b G + c G^2 a polynomial in
+    G = X X^T, so the steps run on (m, m) matrices alone: G <- P G P (P and G commute), Q <- P Q, and X = Q X_0
+    at the end; two products with the long side n, not ten."""
     if g.shape[-2] > g.shape[-1]:
         return orthogonalize(g.mT, steps).mT  # the Gram matrix of the shorter side
     a, b, c = 3.4445, -4.7750, 2.0315
@@ -347,11 +347,12 @@ def orthogonalize(g: Tensor, steps: int = 5) -> Tensor:
 
 
 def orthogonalize_each(gs: list[Tensor]) -> list[Tensor]:
-    """[orthogonalize(g) for g in gs], one batch for the matrices whose shorter side has the same length m:
-    their Gram matrices are all (m, m). Zero columns pad each to the batch's widest; they change neither G nor
-    the columns kept. The small products of 15 kernels one by one cost more in calls than in arithmetic, on a CPU
-    and more so on a GPU, where each is a kernel launch."""
-    wide = [g.T if len(g) > g.shape[1] else g for g in gs]  # the shorter side first, as in orthogonalize
+    """[orthogonalize(g) for g in gs], g 2-D, in one batch for the matrices whose shorter side has the same length
+    m: their Gram matrices are all (m, m). Zero columns pad each to the batch's widest; they change neither G nor
+    the columns kept. Orthogonalized one by one, the U-Net's 15 convolution weights cost more in calls than in
+    arithmetic on a CPU (docs/measurements.md); on a GPU, where each call is a launch, probably more so."""
+    tall = [len(g) > g.shape[1] for g in gs]
+    wide = [g.T if t else g for g, t in zip(gs, tall)]  # the shorter side first, as in orthogonalize
     out = [None] * len(gs)
     for m in {len(g) for g in wide}:
         same = [i for i, g in enumerate(wide) if len(g) == m]
@@ -359,7 +360,7 @@ def orthogonalize_each(gs: list[Tensor]) -> list[Tensor]:
         done = orthogonalize(torch.stack([F.pad(wide[i], (0, n - wide[i].shape[1])) for i in same]))
         for i, d in zip(same, done):
             d = d[:, :wide[i].shape[1]]
-            out[i] = d.T if len(gs[i]) > gs[i].shape[1] else d
+            out[i] = d.T if tall[i] else d
     return out
 
 
@@ -377,14 +378,14 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             lr, mu = group["lr"], group["momentum"]
-            ws = [w for w in group["params"] if w.grad is not None]  # lists: one call for all kernels (foreach)
+            ws = [w for w in group["params"] if w.grad is not None]  # torch._foreach_*: one call for the list
             if not ws:
                 continue
             grads = [w.grad for w in ws]
             bufs = [self.state[w].setdefault("momentum", torch.zeros_like(w)) for w in ws]
             torch._foreach_mul_(bufs, mu)
             torch._foreach_add_(bufs, grads)
-            nesterov = torch._foreach_add(grads, bufs, alpha=mu)  # the gradient one momentum step ahead
+            nesterov = torch._foreach_add(grads, bufs, alpha=mu)  # g + mu buf: the momentum one step on, if g held
             updates = orthogonalize_each([g.reshape(len(g), -1) for g in nesterov])
             torch._foreach_mul_(ws, 1 - lr * group["weight_decay"])  # decoupled weight decay, as AdamW's
             for w, update in zip(ws, updates):
