@@ -578,16 +578,20 @@ def ot_couple(x0: Tensor, x1: Tensor, y: Tensor | None = None) -> Tensor:
     return x0[partner]
 
 
-def reflow_pairs(teacher: nn.Module, cfg: CFG, n_pairs: int) -> TensorDataset:
+def reflow_pairs(teacher: nn.Module, cfg: CFG, n_pairs: int, ends: list[Tensor] | None = None) -> TensorDataset:
     """Reflow's data: n_pairs noises x0 and where the teacher carries them, x1 (RK4, cfg.sample_steps even steps;
-    a conditional teacher: balanced labels, guided by cfg.guidance), as fit()'s (x1, label, x0) triples."""
+    a conditional teacher: balanced labels, guided by cfg.guidance), as fit()'s (x1, label, x0) triples. ends: a
+    list that receives the x1 a chunk at a time, so that a caller keeps them if interrupted; it may already hold
+    the first ones, made before from the same noise, which are not made again."""
     x0 = noise(replace(cfg, seed=cfg.seed + 1), n_pairs)  # not the noise generate() draws from cfg.seed
     labels = torch.arange(n_pairs) % cfg.num_classes if cfg.num_classes else torch.zeros(n_pairs, dtype=torch.long)
+    ends = [] if ends is None else ends
+    done = sum(map(len, ends))
     with torch.inference_mode():
-        x1 = torch.cat([integrate(guided(teacher, y.to(device_of(teacher)) if cfg.num_classes else None, cfg),
-                                  on_device(x, teacher), cfg.sample_steps, "rk4").float().cpu()
-                        for x, y in zip(x0.split(CHUNK), labels.split(CHUNK))])
-    return TensorDataset(x1, labels, x0)
+        for x, y in zip(x0[done:].split(CHUNK), labels[done:].split(CHUNK)):
+            ends.append(integrate(guided(teacher, y.to(device_of(teacher)) if cfg.num_classes else None, cfg),
+                                  on_device(x, teacher), cfg.sample_steps, "rk4").float().cpu())
+    return TensorDataset(torch.cat(ends), labels, x0)
 
 
 def reflow(teacher: nn.Module, cfg: CFG, n_pairs: int, model: nn.Module | None = None,
@@ -1147,6 +1151,7 @@ def load_checkpoint(path: str) -> dict:
 
 
 PAIRS_FILE = "reflow_pairs.pt"  # beside the checkpoint of a --reflow run
+PARTIAL_PAIRS_FILE = "reflow_pairs.partial.pt"  # the pairs made before a Ctrl-C, until all are made
 
 
 def pairs_id(x1: Tensor) -> list:
@@ -1157,6 +1162,30 @@ def pairs_id(x1: Tensor) -> list:
 def keep_pairs(pairs: TensorDataset, out: Path) -> None:
     """Reflow's pairs beside the checkpoint that trains on them: --resume needs them, and they are costly to make."""
     atomic_save(out / PAIRS_FILE, lambda f: torch.save(pairs.tensors, f))
+
+
+def make_pairs(teacher: nn.Module, cfg: CFG, n_pairs: int, out: Path) -> TensorDataset:
+    """reflow_pairs(teacher, cfg, n_pairs), which take minutes to an hour, kept if interrupted: on Ctrl-C the ends
+    made so far go to out/PARTIAL_PAIRS_FILE, and the same --reflow command continues from them. They are used
+    only if made by the same teacher with the same settings, so the pairs are those of an uninterrupted run."""
+    path, ends = out / PARTIAL_PAIRS_FILE, []
+    weights = sum(w.double().sum().item() for w in teacher.state_dict().values())
+    made_by = [n_pairs, cfg.seed, cfg.sample_steps, cfg.guidance, weights]
+    try:
+        kept = torch.load(path, map_location="cpu", weights_only=True)
+        if kept["made_by"] == made_by:
+            ends = [kept["ends"]]
+            print(f"reflow: continuing after the {len(kept['ends'])} pairs kept in {path}")
+    except Exception:  # none kept, or unreadable: make them all
+        pass
+    try:
+        pairs = reflow_pairs(teacher, cfg, n_pairs, ends)
+    except KeyboardInterrupt:
+        if ends:
+            atomic_save(path, lambda f: torch.save({"made_by": made_by, "ends": torch.cat(ends)}, f))
+        raise PairsInterrupted(sum(map(len, ends)), n_pairs, path) from None
+    path.unlink(missing_ok=True)
+    return pairs
 
 
 def load_pairs(ckpt: dict) -> TensorDataset:
@@ -1267,6 +1296,12 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, step: int, path: Path):
         super().__init__(step, path)
         self.step, self.path = step, path
+
+
+class PairsInterrupted(KeyboardInterrupt):
+    def __init__(self, done: int, n_pairs: int, path: Path):
+        super().__init__(done, n_pairs, path)
+        self.done, self.n_pairs, self.path = done, n_pairs, path
 
 
 @contextlib.contextmanager
@@ -1420,7 +1455,7 @@ def main(argv=None) -> None:
     elif n_pairs:
         print(f"reflow: {n_pairs} pairs from {ckpt_path}, then training on them, writing to {out}/")
         teacher = load_model(ckpt, cfg)
-        pairs = reflow_pairs(teacher, cfg, n_pairs)
+        pairs = make_pairs(teacher, cfg, n_pairs, out)
         keep_pairs(pairs, out)
         model = reflow(teacher, cfg, n_pairs, pairs=pairs)
     else:
@@ -1482,6 +1517,10 @@ def cli(argv=None) -> int:
     except Interrupted as e:
         print(f"\ninterrupted at step {e.step}; saved {e.path}. Resume with: python flow_matching.py "
               f"--resume --checkpoint {quoted(e.path)}", file=sys.stderr)
+        return 130
+    except PairsInterrupted as e:
+        kept = f"the {e.done} made are kept in {e.path}; the same command makes the rest" if e.done else "none was made"
+        print(f"\ninterrupted while making reflow pairs ({e.done} of {e.n_pairs}): {kept}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("\ninterrupted; the last checkpoint written, if any, is intact", file=sys.stderr)

@@ -2103,6 +2103,48 @@ def test_an_interrupted_reflow_resumes_on_the_pairs_it_kept(trained, tmp_path, c
         assert code == 1 and "--reflow again" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_ctrl_c_while_reflow_makes_its_pairs_keeps_those_made(trained, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while --reflow makes its pairs (up to half an hour of RK4) keeps the chunks made: one line, exit 130;
+    the same command makes only the rest and trains on exactly the pairs of an uninterrupted run. Pairs kept for
+    other settings (here another number of pairs) are not used."""
+    monkeypatch.setattr(fm, "CHUNK", 4)
+    integrate, made, interrupt_at = fm.integrate, [], [None]
+
+    def counting(v, x, steps, solver="euler", *a, **k):
+        if solver == "rk4":  # the pairs' solver; sampling afterwards is Euler
+            made.append(len(x))
+            if len(made) == interrupt_at[0]:
+                raise KeyboardInterrupt
+        return integrate(v, x, steps, solver, *a, **k)
+
+    monkeypatch.setattr(fm, "integrate", counting)
+    flags = ["--reflow", "16", "--checkpoint", str(trained), "--max-steps", "1"]
+    code, _, err = run_cli(flags + ["--out-dir", str(tmp_path / "whole")], capsys)
+    assert code == 0 and made == [4] * 4, err
+    cut, partial = tmp_path / "cut", tmp_path / "cut" / fm.PARTIAL_PAIRS_FILE
+    for n in (16, 12):
+        made.clear()
+        interrupt_at[0] = 3  # during the third chunk
+        code, _, err = run_cli(["--reflow", str(n)] + flags[2:] + ["--out-dir", str(cut)], capsys)
+        assert code == 130 and f"(8 of {n})" in err and str(partial) in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert len(torch.load(partial)["ends"]) == 8
+    made.clear()  # the 8 kept by the run with 12 pairs are not used: all 16 are made
+    interrupt_at[0] = None
+    code, _, err = run_cli(flags + ["--out-dir", str(cut)], capsys)
+    assert code == 0 and made == [4] * 4 and not partial.exists(), err
+    made.clear()
+    interrupt_at[0] = 3
+    code, _, err = run_cli(flags + ["--out-dir", str(cut)], capsys)
+    assert code == 130 and "(8 of 16)" in err, err
+    made.clear()
+    interrupt_at[0] = None
+    code, out, err = run_cli(flags + ["--out-dir", str(cut)], capsys)
+    assert code == 0 and made == [4, 4] and "continuing after the 8 pairs" in out and not partial.exists(), err
+    for whole, resumed in zip(*(torch.load(tmp_path / d / fm.PAIRS_FILE) for d in ("whole", "cut"))):
+        assert torch.equal(whole, resumed)
+
+
 @pytest.fixture
 def child():
     """Start processes; whatever the test's outcome, none outlives it."""
