@@ -1176,6 +1176,8 @@ def make_pairs(teacher: nn.Module, cfg: CFG, n_pairs: int, out: Path) -> TensorD
         if kept["made_by"] == made_by:
             ends = [kept["ends"]]
             print(f"reflow: continuing after the {len(kept['ends'])} pairs kept in {path}")
+        else:
+            print(f"reflow: the pairs kept in {path} came from another teacher or other settings; they are replaced")
     except Exception:  # none kept, or unreadable: make them all
         pass
     try:

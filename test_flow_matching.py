@@ -2131,8 +2131,8 @@ def test_ctrl_c_while_reflow_makes_its_pairs_keeps_those_made(trained, tmp_path,
         assert len(torch.load(partial)["ends"]) == 8
     made.clear()  # the 8 kept by the run with 12 pairs are not used: all 16 are made
     interrupt_at[0] = None
-    code, _, err = run_cli(flags + ["--out-dir", str(cut)], capsys)
-    assert code == 0 and made == [4] * 4 and not partial.exists(), err
+    code, out, err = run_cli(flags + ["--out-dir", str(cut)], capsys)
+    assert code == 0 and made == [4] * 4 and "they are replaced" in out and not partial.exists(), err
     made.clear()
     interrupt_at[0] = 3
     code, _, err = run_cli(flags + ["--out-dir", str(cut)], capsys)
