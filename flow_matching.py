@@ -1169,7 +1169,7 @@ def make_pairs(teacher: nn.Module, cfg: CFG, n_pairs: int, out: Path) -> TensorD
     made so far go to out/PARTIAL_PAIRS_FILE, and the same --reflow command continues from them. They are used
     only if made by the same teacher with the same settings, so the pairs are those of an uninterrupted run."""
     path, ends = out / PARTIAL_PAIRS_FILE, []
-    weights = sum(w.double().sum().item() for w in teacher.state_dict().values())
+    weights = sum(w.cpu().double().sum().item() for w in teacher.state_dict().values())  # MPS has no float64
     made_by = [n_pairs, cfg.seed, cfg.sample_steps, cfg.guidance, weights]
     try:
         kept = torch.load(path, map_location="cpu", weights_only=True)

@@ -1618,6 +1618,17 @@ def test_report_nll_asks_no_float64_of_the_accelerator(trained, idx_dir, device,
     assert "bits/dim of 3 mnist test images" in capsys.readouterr().out
 
 
+
+def test_reflow_names_its_teacher_without_float64_on_the_accelerator(tmp_path, monkeypatch):
+    """make_pairs tells kept pairs of one teacher from another's by the float64 sum of its weights, taken on the
+    CPU: MPS has no float64 (here the weights refuse it until moved, as on MPS)."""
+    teacher = gaussian_teacher(1.5, 0.4, 0.05)
+    weights = {"w": torch.arange(3.0).as_subclass(OnAccelerator)}
+    monkeypatch.setattr(teacher, "state_dict", lambda: weights)
+    cfg = fm.CFG(data_shape=(3,), sample_steps=4, device="cpu", sigma_min=0.05)
+    x1, _, x0 = fm.make_pairs(teacher, cfg, 8, tmp_path)[:]
+    torch.testing.assert_close(x1, 1.5 + math.sqrt(0.05 ** 2 + 0.4 ** 2) * x0, atol=1e-4, rtol=1e-4)
+
 # ------------------------------------------------------------------ 15. Pictures: what each figure shows
 def png(path: Path) -> torch.Tensor:
     """A PNG as (C, H, W) floats in [0, 1]."""
