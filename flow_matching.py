@@ -586,9 +586,9 @@ def reflow_pairs(teacher: nn.Module, cfg: CFG, n_pairs: int, ends: list[Tensor] 
     x0 = noise(replace(cfg, seed=cfg.seed + 1), n_pairs)  # not the noise generate() draws from cfg.seed
     labels = torch.arange(n_pairs) % cfg.num_classes if cfg.num_classes else torch.zeros(n_pairs, dtype=torch.long)
     ends = [] if ends is None else ends
-    done = sum(map(len, ends))
     with torch.inference_mode():
-        for x, y in zip(x0[done:].split(CHUNK), labels[done:].split(CHUNK)):
+        for i in range(sum(map(len, ends)), n_pairs, CHUNK):  # after those made before
+            x, y = x0[i:i + CHUNK], labels[i:i + CHUNK]
             ends.append(integrate(guided(teacher, y.to(device_of(teacher)) if cfg.num_classes else None, cfg),
                                   on_device(x, teacher), cfg.sample_steps, "rk4").float().cpu())
     return TensorDataset(torch.cat(ends), labels, x0)
@@ -715,6 +715,7 @@ RECIPES = {"post": dict(arch="post", batch_size=256, lr=2e-4, schedule="constant
 # ============================================================================= Plumbing
 import argparse
 import contextlib
+import hashlib
 import io
 import os
 import re
@@ -1165,29 +1166,42 @@ def keep_pairs(pairs: TensorDataset, out: Path) -> None:
 
 
 def make_pairs(teacher: nn.Module, cfg: CFG, n_pairs: int, out: Path) -> TensorDataset:
-    """reflow_pairs(teacher, cfg, n_pairs), which take minutes to an hour, kept if interrupted: on Ctrl-C the ends
-    made so far go to out/PARTIAL_PAIRS_FILE, and the same --reflow command continues from them. They are used
-    only if made by the same teacher with the same settings, so the pairs are those of an uninterrupted run."""
+    """reflow_pairs(teacher, cfg, n_pairs), which take minutes to an hour, kept in out/PAIRS_FILE, and kept if
+    interrupted: on Ctrl-C the ends made so far go to out/PARTIAL_PAIRS_FILE, and the same --reflow command
+    continues after them. They are used only if made by the same teacher with the same settings, so the pairs
+    are those of an uninterrupted run."""
     path, ends = out / PARTIAL_PAIRS_FILE, []
-    weights = sum(w.cpu().double().sum().item() for w in teacher.state_dict().values())  # MPS has no float64
-    made_by = [n_pairs, cfg.seed, cfg.sample_steps, cfg.guidance, weights]
+    # What the pairs depend on: the noise (n_pairs, seed), the solver's steps, guidance and the teacher's weights.
+    # Not the device: on another one the rest are made there, which changes their rounding only.
+    made_by = [n_pairs, cfg.seed, cfg.sample_steps, cfg.guidance, fingerprint(teacher)]
     try:
         kept = torch.load(path, map_location="cpu", weights_only=True)
         if kept["made_by"] == made_by:
             ends = [kept["ends"]]
             print(f"reflow: continuing after the {len(kept['ends'])} pairs kept in {path}")
         else:
-            print(f"reflow: the pairs kept in {path} came from another teacher or other settings; they are replaced")
+            print(f"reflow: the pairs kept in {path} came from another teacher or other settings; they will be "
+                  f"replaced")
     except Exception:  # none kept, or unreadable: make them all
         pass
     try:
         pairs = reflow_pairs(teacher, cfg, n_pairs, ends)
-    except KeyboardInterrupt:
+        keep_pairs(pairs, out)
+    except KeyboardInterrupt:  # while making them, or while keeping them all
         if ends:
             atomic_save(path, lambda f: torch.save({"made_by": made_by, "ends": torch.cat(ends)}, f))
         raise PairsInterrupted(sum(map(len, ends)), n_pairs, path) from None
     path.unlink(missing_ok=True)
     return pairs
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A hash of the model's weights, bit for bit and in order: which teacher made the pairs kept."""
+    h = hashlib.sha256()
+    for name, w in model.state_dict().items():
+        h.update(name.encode())
+        h.update(bytes(w.detach().cpu().contiguous().reshape(-1).view(torch.uint8).tolist()))
+    return h.hexdigest()
 
 
 def load_pairs(ckpt: dict) -> TensorDataset:
@@ -1458,7 +1472,6 @@ def main(argv=None) -> None:
         print(f"reflow: {n_pairs} pairs from {ckpt_path}, then training on them, writing to {out}/")
         teacher = load_model(ckpt, cfg)
         pairs = make_pairs(teacher, cfg, n_pairs, out)
-        keep_pairs(pairs, out)
         model = reflow(teacher, cfg, n_pairs, pairs=pairs)
     else:
         if resume and ckpt.get("pairs"):  # a reflow's checkpoint; its cfg has reflow's t ~ U[0, 1]

@@ -1618,17 +1618,6 @@ def test_report_nll_asks_no_float64_of_the_accelerator(trained, idx_dir, device,
     assert "bits/dim of 3 mnist test images" in capsys.readouterr().out
 
 
-
-def test_reflow_names_its_teacher_without_float64_on_the_accelerator(tmp_path, monkeypatch):
-    """make_pairs tells kept pairs of one teacher from another's by the float64 sum of its weights, taken on the
-    CPU: MPS has no float64 (here the weights refuse it until moved, as on MPS)."""
-    teacher = gaussian_teacher(1.5, 0.4, 0.05)
-    weights = {"w": torch.arange(3.0).as_subclass(OnAccelerator)}
-    monkeypatch.setattr(teacher, "state_dict", lambda: weights)
-    cfg = fm.CFG(data_shape=(3,), sample_steps=4, device="cpu", sigma_min=0.05)
-    x1, _, x0 = fm.make_pairs(teacher, cfg, 8, tmp_path)[:]
-    torch.testing.assert_close(x1, 1.5 + math.sqrt(0.05 ** 2 + 0.4 ** 2) * x0, atol=1e-4, rtol=1e-4)
-
 # ------------------------------------------------------------------ 15. Pictures: what each figure shows
 def png(path: Path) -> torch.Tensor:
     """A PNG as (C, H, W) floats in [0, 1]."""
@@ -2114,10 +2103,10 @@ def test_an_interrupted_reflow_resumes_on_the_pairs_it_kept(trained, tmp_path, c
         assert code == 1 and "--reflow again" in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_ctrl_c_while_reflow_makes_its_pairs_keeps_those_made(trained, tmp_path, capsys, monkeypatch):
-    """Ctrl-C while --reflow makes its pairs (up to half an hour of RK4) keeps the chunks made: one line, exit 130;
-    the same command makes only the rest and trains on exactly the pairs of an uninterrupted run. Pairs kept for
-    other settings (here another number of pairs) are not used."""
+def test_ctrl_c_while_reflow_makes_its_pairs_keeps_those_made(trained, idx_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C while --reflow makes its pairs (up to half an hour of RK4), or while it saves them, keeps those made:
+    one line, exit 130; the same command makes only the rest and trains on exactly the pairs of an uninterrupted
+    run. Pairs kept from another teacher, seed, number of solver steps or guidance scale are not used."""
     monkeypatch.setattr(fm, "CHUNK", 4)
     integrate, made, interrupt_at = fm.integrate, [], [None]
 
@@ -2128,30 +2117,36 @@ def test_ctrl_c_while_reflow_makes_its_pairs_keeps_those_made(trained, tmp_path,
                 raise KeyboardInterrupt
         return integrate(v, x, steps, solver, *a, **k)
 
-    monkeypatch.setattr(fm, "integrate", counting)
-    flags = ["--reflow", "16", "--checkpoint", str(trained), "--max-steps", "1"]
-    code, _, err = run_cli(flags + ["--out-dir", str(tmp_path / "whole")], capsys)
-    assert code == 0 and made == [4] * 4, err
-    cut, partial = tmp_path / "cut", tmp_path / "cut" / fm.PARTIAL_PAIRS_FILE
-    for n in (16, 12):
+    def run(teacher, *flags, interrupt=None):
         made.clear()
-        interrupt_at[0] = 3  # during the third chunk
-        code, _, err = run_cli(["--reflow", str(n)] + flags[2:] + ["--out-dir", str(cut)], capsys)
-        assert code == 130 and f"(8 of {n})" in err and str(partial) in err, err
+        interrupt_at[0] = interrupt
+        return run_cli(["--reflow", "16", "--checkpoint", str(teacher), "--max-steps", "1", "--seed", "0", *flags],
+                       capsys)
+
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fm, "integrate", counting)
+    code, _, err = run(trained, "--out-dir", str(tmp_path / "whole"))
+    assert code == 0 and made == [4] * 4, err
+    cut, partial = ["--out-dir", str(tmp_path / "cut")], tmp_path / "cut" / fm.PARTIAL_PAIRS_FILE
+    another = tiny_run(idx_dir, tmp_path / "another", "--seed", "1")
+    for teacher, flags in [(another, []), (trained, ["--seed", "1"]), (trained, ["--sample-steps", "3"]),
+                           (trained, ["--guidance", "2"])]:
+        code, _, err = run(teacher, *flags, *cut, interrupt=3)  # during the third chunk
+        assert code == 130 and "(8 of 16)" in err and str(partial) in err, err
         assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert len(torch.load(partial)["ends"]) == 8
-    made.clear()  # the 8 kept by the run with 12 pairs are not used: all 16 are made
-    interrupt_at[0] = None
-    code, out, err = run_cli(flags + ["--out-dir", str(cut)], capsys)
-    assert code == 0 and made == [4] * 4 and "they are replaced" in out and not partial.exists(), err
-    made.clear()
-    interrupt_at[0] = 3
-    code, _, err = run_cli(flags + ["--out-dir", str(cut)], capsys)
+        code, out, err = run(trained, *cut)
+        assert code == 0 and made == [4] * 4 and "will be replaced" in out and not partial.exists(), (flags, err)
+    code, _, err = run(trained, *cut, interrupt=3)
     assert code == 130 and "(8 of 16)" in err, err
-    made.clear()
-    interrupt_at[0] = None
-    code, out, err = run_cli(flags + ["--out-dir", str(cut)], capsys)
-    assert code == 0 and made == [4, 4] and "continuing after the 8 pairs" in out and not partial.exists(), err
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fm, "keep_pairs", interrupted)  # all made, then Ctrl-C while they are saved
+        code, out, err = run(trained, *cut)
+    assert code == 130 and made == [4, 4] and "continuing after the 8 pairs" in out and "(16 of 16)" in err, err
+    code, out, err = run(trained, *cut)
+    assert code == 0 and made == [] and "continuing after the 16 pairs" in out and not partial.exists(), err
     for whole, resumed in zip(*(torch.load(tmp_path / d / fm.PAIRS_FILE) for d in ("whole", "cut"))):
         assert torch.equal(whole, resumed)
 
